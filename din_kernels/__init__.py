@@ -1,0 +1,27 @@
+"""din_kernels: fast, faithful Deep Interest Network (DIN) ops for PyTorch.
+
+Public names (SPEC.md): TargetAttention, target_attention, Dice, dice, mba_l2_, MBAEmbedding.
+"""
+
+from .backend import BACKENDS, BackendUnavailableError, checks, checks_enabled, set_checks
+from .nn import Dice, MBAEmbedding, TargetAttention
+from .ops.attention import target_attention
+from .ops.dice import dice
+from .ops.mba import mba_counts, mba_l2_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "Dice",
+    "MBAEmbedding",
+    "TargetAttention",
+    "checks",
+    "checks_enabled",
+    "dice",
+    "mba_counts",
+    "mba_l2_",
+    "set_checks",
+    "target_attention",
+]
