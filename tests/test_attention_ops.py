@@ -1,0 +1,94 @@
+"""The torch.library registration of target attention: opcheck, torch.compile(fullgraph=True), the dispatch."""
+
+import pytest
+import torch
+from helpers import attention_case
+
+import din_kernels as dk
+from din_kernels.ops.attention import target_attention_bwd_torch, target_attention_fwd_torch
+
+
+def _fwd_args(case, layout, activation, normalization, training):
+    q, k = case.query.float(), case.keys.float()
+    if layout == "padded":
+        lengths, offsets = case.lengths, None
+    else:
+        k, lengths, offsets = case.jagged_keys().float(), None, case.offsets
+    f = lambda xs: [x.float() for x in xs]  # noqa: E731
+    return (q, k, lengths, offsets, f(case.weights), f(case.biases), f(case.act_weights), f(case.act_means),
+            f(case.act_vars), activation, normalization, 0.9, training, 1e-8)
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+@pytest.mark.parametrize("activation,normalization,training", [
+    ("sigmoid", "none", False), ("prelu", "softmax", False), ("dice", "softmax", True), ("dice", "none", False),
+])
+def test_opcheck_forward_and_backward(layout, activation, normalization, training):
+    case = attention_case(B=4, T=5, D=3, hidden=(6, 4), activation=activation, seed=20)
+    args = list(_fwd_args(case, layout, activation, normalization, training))
+    for i in (0, 1, 4, 5, 6):  # query, keys, weights, biases, act_weights get gradients
+        args[i] = [x.requires_grad_() for x in args[i]] if isinstance(args[i], list) else args[i].requires_grad_()
+    torch.library.opcheck(target_attention_fwd_torch, tuple(args))
+    out, w, _ = target_attention_fwd_torch(*args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(w), *[_detach(a) for a in args])
+    torch.library.opcheck(target_attention_bwd_torch, bwd_args)
+
+
+def _detach(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach()
+    if isinstance(a, list):
+        return [x.detach() for x in a]
+    return a
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "dice"])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_torch_compile_fullgraph(activation, layout):
+    torch.manual_seed(0)
+    m = dk.TargetAttention(6, hidden=(8, 4), activation=activation, normalization="softmax", backend="torch")
+    eager = dk.TargetAttention(6, hidden=(8, 4), activation=activation, normalization="softmax", backend="torch")
+    eager.load_state_dict(m.state_dict())
+    compiled = torch.compile(m, fullgraph=True)
+    q = torch.randn(5, 6, requires_grad=True)
+    lengths = torch.tensor([3, 0, 7, 1, 4])
+    if layout == "padded":
+        k = torch.randn(5, 7, 6, requires_grad=True)
+        kw = {"lengths": lengths}
+    else:
+        k = torch.randn(int(lengths.sum()), 6, requires_grad=True)
+        kw = {"offsets": dk._jagged.offsets_from_lengths(lengths)}
+    out, w = compiled(q, k, **kw, return_scores=True)
+    ref_out, ref_w = eager(q, k, **kw, return_scores=True)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(w, ref_w)
+    g = torch.autograd.grad(out.square().sum() + w.sum(), [q, k, *m.parameters()])
+    g_ref = torch.autograd.grad(ref_out.square().sum() + ref_w.sum(), [q, k, *eager.parameters()])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(m.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_on_cpu_is_torch_and_unavailable_backends_raise():
+    assert dk.backend.resolve("auto", torch.device("cpu"), "target_attention", ("reference", "torch")) == "torch"
+    q, k, lengths = torch.randn(2, 3), torch.randn(2, 4, 3), torch.tensor([1, 4])
+    m = dk.TargetAttention(3, hidden=(4,))
+    for name in ("cuda", "cpu"):
+        m.backend = name
+        with pytest.raises(dk.BackendUnavailableError, match=repr(name)):
+            m(q, k, lengths)
+    m.backend = "tpu"
+    with pytest.raises(ValueError, match="backend"):
+        m(q, k, lengths)
+
+
+def test_checks_can_be_switched_off():
+    q, k = torch.randn(2, 3), torch.randn(2, 4, 3)
+    m = dk.TargetAttention(3, hidden=(4,), backend="torch")
+    with pytest.raises(ValueError, match="lengths"):
+        m(q, k, torch.tensor([1, 5]))
+    with dk.checks(False):
+        assert not dk.checks_enabled()
+        out = m(q, k, torch.tensor([1, 4]))
+    assert dk.checks_enabled() and out.shape == (2, 3)
