@@ -106,7 +106,9 @@ def check_attention_inputs(
     widths = [w.shape[0] for w in weights[:-1]]
     n_act = len(widths) if activation in ("prelu", "dice") else 0
     if len(act_weights) != n_act:
-        raise ValueError(f"activation {activation!r} needs {n_act} act_weights (one per hidden layer), got {len(act_weights)}")
+        raise ValueError(
+            f"activation {activation!r} needs {n_act} act_weights (one per hidden layer), got {len(act_weights)}"
+        )
     for i, a in enumerate(act_weights):
         check_float(f"act_weights[{i}]", a)
         check_device(query.device, **{f"act_weights[{i}]": a})
@@ -115,7 +117,9 @@ def check_attention_inputs(
     if activation == "dice":
         for name, stats in (("act_means", act_means), ("act_vars", act_vars)):
             if len(stats) != len(widths):
-                raise ValueError(f"activation 'dice' needs {len(widths)} {name} (one per hidden layer), got {len(stats)}")
+                raise ValueError(
+                    f"activation 'dice' needs {len(widths)} {name} (one per hidden layer), got {len(stats)}"
+                )
             for i, s in enumerate(stats):
                 check_float(f"{name}[{i}]", s)
                 check_device(query.device, **{f"{name}[{i}]": s})

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from conftest import TOLERANCES, assert_close
+
 from din_kernels import target_attention
 from din_kernels._jagged import offsets_from_lengths, padded_mask
 

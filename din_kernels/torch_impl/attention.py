@@ -199,7 +199,8 @@ def attention_fwd(
     stats: list = []
     for b0, b1 in st.chunks:
         o, w = st.forward_chunk(b0, b1, normalization, scale, eps, stats)[4:6]
-        if st.K.device.type == "cpu" and not bool(torch.isfinite(o).all()):  # NaN/Inf in padding must not leak in through 0 * NaN
+        # NaN/Inf in the padding must not leak in through 0 * NaN
+        if st.K.device.type == "cpu" and not bool(torch.isfinite(o).all()):
             stats.clear()
             o, w = st.forward_chunk(b0, b1, normalization, scale, eps, stats, padding_zeroed=True)[4:6]
         out[b0:b1] = o
@@ -210,45 +211,57 @@ def attention_fwd(
     return out, w_all, _stats_tensor(stats, st.cd, query.device, widths)
 
 
-def _chunk_backward(st, b0, b1, go, gs, normalization, scale, eps, grads, padding_zeroed=False):
-    """Backward of one chunk: returns ``(dq [b, D], dK [b, T, D])`` and accumulates parameter gradients."""
+def _chunk_backward(st, b0, b1, go, gs, normalization, scale, eps, dK, padding_zeroed=False):
+    """Backward of samples ``b0:b1``: writes ``dK`` [b, T, D] (in the compute dtype) and returns ``(dq [b, D],
+    this chunk's parameter gradients)``."""
     K, mask, M, (Wq, Wd, Wp), _, w, tape = st.forward_chunk(b0, b1, normalization, scale, eps, [],
                                                               padding_zeroed)
     q = st.q[b0:b1]
+    n_hidden = len(st.W) - 1
+    part = {"W": [None] * (n_hidden + 1), "b": [None] * (n_hidden + 1), "acts": [None] * len(st.acts)}
     dw = torch.zeros_like(w) if gs is None else gs.clone()
     if go is not None:
         dw = dw + (K * go.unsqueeze(1)).sum(-1)  # a batched matrix-vector product is slow on the CPU
     dw = torch.where(mask, dw, 0.0)
     ds = scale * w * (dw - (w * dw).sum(-1, keepdim=True)) if normalization == "softmax" else dw
-    n_hidden = len(st.W) - 1
     h_last = tape[-1][1]
-    grads["W"][-1] += ds.reshape(1, -1) @ h_last.reshape(-1, h_last.shape[-1])
-    grads["b"][-1] += ds.sum().reshape(1)
+    part["W"][-1] = ds.reshape(1, -1) @ h_last.reshape(-1, h_last.shape[-1])
+    part["b"][-1] = ds.sum().reshape(1)
     dh = ds.unsqueeze(-1) * st.W[-1][0]  # [b, T, Hn]
     count = st.mask.sum().to(st.cd)
     for i in range(n_hidden - 1, -1, -1):
         z, h, params = tape[i]
         dz, da = _activate_bwd(dh, z, h, st.activation, params, mask, st.training, eps, count)
         if da is not None:
-            grads["acts"][i] += da
+            part["acts"][i] = da
         if i == 0:
             G = dz  # [b, T, H1]
             break
         h_prev = tape[i - 1][1]
-        grads["W"][i] += dz.reshape(-1, dz.shape[-1]).t() @ h_prev.reshape(-1, h_prev.shape[-1])
-        grads["b"][i] += dz.sum((0, 1))
+        part["W"][i] = dz.reshape(-1, dz.shape[-1]).t() @ h_prev.reshape(-1, h_prev.shape[-1])
+        part["b"][i] = dz.sum((0, 1))
         dh = dz @ st.W[i]
-    dK = torch.bmm(G, M)  # [b, T, D]
+    torch.bmm(G, M, out=dK)  # [b, T, D]
     if go is not None:
         dK.addcmul_(w.unsqueeze(-1), go.unsqueeze(1))
     dM = torch.bmm(G.transpose(1, 2), K)  # [b, H1, D]
     dc = G.sum(1)  # [b, H1]
-    grads["A"] += dM.sum(0)
-    grads["Wqd"] += dc.t() @ q
-    grads["b"][0] += dc.sum(0)
+    part["A"] = dM.sum(0)
+    part["Wqd"] = dc.t() @ q
+    part["b"][0] = dc.sum(0)
     dq = (dM * Wp).sum(1) + dc @ (Wq + Wd)
-    grads["Wp"] += (dM.mul_(q.unsqueeze(1))).sum(0)
-    return dq, dK
+    part["Wp"] = dM.mul_(q.unsqueeze(1)).sum(0)
+    return dq, part
+
+
+def _accumulate(total, part):
+    for key, value in part.items():
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                if v is not None:
+                    total[key][i] = v if total[key][i] is None else total[key][i] + v
+        else:
+            total[key] = value if total[key] is None else total[key] + value
 
 
 def attention_bwd(
@@ -282,30 +295,29 @@ def attention_bwd(
             gs[st.index[0], st.index[1]] = grad_scores.to(cd)
         else:
             gs = grad_scores.to(cd)
-    grads = {
-        "W": [torch.zeros_like(x) for x in st.W],
-        "b": [torch.zeros_like(x) for x in st.b],
-        "acts": [torch.zeros_like(x) for x in st.acts],
-        "A": torch.zeros(H1, D, dtype=cd, device=query.device),
-        "Wp": torch.zeros(H1, D, dtype=cd, device=query.device),
-        "Wqd": torch.zeros(H1, D, dtype=cd, device=query.device),
-    }
+    n = len(st.W)
+    grads = {"W": [None] * n, "b": [None] * n, "acts": [None] * len(st.acts), "A": None, "Wp": None, "Wqd": None}
     dq = _alloc.empty(st.B, D, dtype=query.dtype, device=query.device)
-    dK = _alloc.empty(st.B, st.T, D, dtype=keys.dtype, device=keys.device)
+    direct = keys.dtype == cd and st.index is None  # write d keys straight into the result
+    dK = _alloc.empty(st.B, st.T, D, dtype=cd if not direct else keys.dtype, device=keys.device)
     for b0, b1 in st.chunks:
-        args = (None if go is None else go[b0:b1], None if gs is None else gs[b0:b1], normalization, scale, eps)
-        on_cpu = st.K.device.type == "cpu"
-        part = {k: ([x.clone() for x in v] if isinstance(v, list) else v.clone()) for k, v in grads.items()}
-        dq_c, dK_c = _chunk_backward(st, b0, b1, *args, grads)
-        if on_cpu and not (bool(torch.isfinite(dq_c).all()) and bool(torch.isfinite(grads["A"]).all())):
-            grads = part  # NaN/Inf in padding: redo the chunk with the padding zeroed
-            dq_c, dK_c = _chunk_backward(st, b0, b1, *args, grads, padding_zeroed=True)
+        args = (None if go is None else go[b0:b1], None if gs is None else gs[b0:b1], normalization, scale, eps,
+                dK[b0:b1])
+        dq_c, part = _chunk_backward(st, b0, b1, *args)
+        finite = bool(torch.isfinite(dq_c).all()) and bool(torch.isfinite(part["A"]).all())
+        if st.K.device.type == "cpu" and not finite:  # NaN/Inf in the padding: redo with it zeroed
+            dq_c, part = _chunk_backward(st, b0, b1, *args, padding_zeroed=True)
         dq[b0:b1] = dq_c
-        dK[b0:b1] = dK_c
+        _accumulate(grads, part)
+    if not st.chunks:  # B = 0
+        zero = lambda xs: [torch.zeros_like(x) for x in xs]  # noqa: E731
+        grads = {"W": zero(st.W), "b": zero(st.b), "acts": zero(st.acts)}
+        grads["A"] = grads["Wp"] = grads["Wqd"] = torch.zeros(H1, D, dtype=cd, device=query.device)
     dWqd, dA = grads["Wqd"], grads["A"]
     grads["W"][0] = torch.cat([dWqd, dA, dWqd - dA, grads["Wp"]], dim=1)
     if st.index is not None:
         dK = padded_to_jagged(dK, st.index)
+    dK = dK.to(keys.dtype)
     d_weights = [g.to(x.dtype) for g, x in zip(grads["W"], weights)]
     d_biases = [g.to(x.dtype) for g, x in zip(grads["b"], biases)]
     d_act = [g.to(x.dtype) for g, x in zip(grads["acts"], act_weights)]
