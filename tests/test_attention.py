@@ -167,3 +167,19 @@ def test_module_layout_and_names():
     assert out.shape == (2, 5)
     with pytest.raises(ValueError, match="hidden"):
         dk.TargetAttention(5, hidden=())
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_dice_running_stats_follow_batchnorm1d_over_valid_behaviours(backend):
+    """The first hidden layer's Dice statistics: nn.BatchNorm1d fed only the valid behaviours' pre-activations."""
+    torch.manual_seed(3)
+    m = dk.TargetAttention(4, hidden=(6,), activation="dice", backend=backend).double()
+    bn = torch.nn.BatchNorm1d(6, momentum=0.1).double()
+    q, k, lengths = torch.randn(5, 4).double(), torch.randn(5, 7, 4).double(), torch.tensor([7, 0, 3, 1, 5])
+    for _ in range(3):
+        m(q, k, lengths)
+        valid = torch.arange(7)[None, :] < lengths[:, None]
+        x = torch.cat([q[:, None].expand_as(k), k, q[:, None] - k, q[:, None] * k], -1)[valid]
+        bn(m.layers[0](x).detach())
+    torch.testing.assert_close(m.activations[0].running_mean, bn.running_mean)
+    torch.testing.assert_close(m.activations[0].running_var, bn.running_var)
