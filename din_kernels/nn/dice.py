@@ -27,7 +27,8 @@ class Dice(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, affine: bool = False,
                  backend: str = "auto") -> None:
         super().__init__()
-        self.num_features, self.eps, self.momentum, self.affine, self.backend = num_features, eps, momentum, affine, backend
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.backend = affine, backend
         self.alpha = nn.Parameter(torch.zeros(num_features))
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
@@ -43,4 +44,5 @@ class Dice(nn.Module):
                     self.momentum, self.eps, self.backend)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, backend={self.backend!r}"
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"backend={self.backend!r}")

@@ -11,7 +11,7 @@ from ..reference.attention import compute_dtype
 from ..reference.dice import dice_ref
 from ..torch_impl.dice import dice_act, dice_bwd, masked_moments
 
-SUPPORTED = ("reference", "torch")
+SUPPORTED = ("reference", "torch", "triton")
 
 
 def _none_if_empty(t: Tensor) -> Tensor | None:
@@ -90,15 +90,81 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, alpha, output[1], *(t for t in (mask, weight, bias) if t is not None))
 
 
-def _backward(ctx, dy, _dstats):
-    x, alpha, stats, *rest = ctx.saved_tensors
-    mask, weight, bias = (rest.pop(0) if has else None for has in ctx.has)
-    dx, da, dw, db = dice_bwd_torch(dy, x, mask, alpha, weight, bias, stats, ctx.training, ctx.eps)
-    return dx, None, da, _none_if_empty(dw) if weight is not None else None, \
-        _none_if_empty(db) if bias is not None else None, None, None, None, None
+def _make_backward(bwd_op):
+    """The autograd formula of a ``dice_fwd_<backend>`` op, calling its ``dice_bwd_<backend>`` op."""
+
+    def backward(ctx, dy, _dstats):
+        x, alpha, stats, *rest = ctx.saved_tensors
+        mask, weight, bias = (rest.pop(0) if has else None for has in ctx.has)
+        dx, da, dw, db = bwd_op(dy, x, mask, alpha, weight, bias, stats, ctx.training, ctx.eps)
+        return dx, None, da, _none_if_empty(dw) if weight is not None else None, \
+            _none_if_empty(db) if bias is not None else None, None, None, None, None
+
+    return backward
 
 
-dice_fwd_torch.register_autograd(_backward, setup_context=_setup_context)
+dice_fwd_torch.register_autograd(_make_backward(dice_bwd_torch), setup_context=_setup_context)
+
+
+@torch.library.triton_op("din_kernels::dice_fwd_triton", mutates_args=())
+def dice_fwd_triton(
+    x: Tensor,
+    mask: Tensor | None,
+    alpha: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """``(y [..., C], stats [3, C])`` as :func:`dice_fwd_torch`, with the Triton kernels of
+    :mod:`din_kernels.triton.dice` (one reduction pass for the statistics, one elementwise pass)."""
+    from ..triton import dice as _tdice
+
+    cd = compute_dtype(x, alpha)
+    if training:
+        stats = _tdice.batch_stats(x, mask, cd)
+    else:
+        stats = torch.stack([running_mean.to(cd), running_var.to(cd), running_mean.new_zeros(x.shape[-1], dtype=cd)])
+    return _tdice.dice_forward(x, alpha, weight, bias, stats, eps), stats
+
+
+@torch.library.triton_op("din_kernels::dice_bwd_triton", mutates_args=())
+def dice_bwd_triton(
+    dy: Tensor,
+    x: Tensor,
+    mask: Tensor | None,
+    alpha: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    stats: Tensor,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, d alpha, d weight, d bias)`` as :func:`dice_bwd_torch`: one reduction pass, one elementwise pass."""
+    from ..triton import dice as _tdice
+
+    dx, da, dw, db = _tdice.dice_backward(dy, x, mask, alpha, weight, bias, stats, training, eps)
+    da = da.sum().reshape(1) if alpha.numel() == 1 else da
+    return (
+        dx,
+        da.to(alpha.dtype),
+        x.new_empty(0) if weight is None else dw.to(weight.dtype),
+        x.new_empty(0) if bias is None else db.to(bias.dtype),
+    )
+
+
+dice_fwd_triton.register_autograd(_make_backward(dice_bwd_triton), setup_context=_setup_context)
+
+
+@torch.library.triton_op("din_kernels::dice_update_running_triton", mutates_args=("running_mean", "running_var"))
+def dice_update_running_triton(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
+    """``nn.BatchNorm1d``'s running update from ``stats [3, C]`` (unbiased variance), in place, one launch; channels
+    of a batch with no selected position are left unchanged."""
+    from ..triton import dice as _tdice
+
+    _tdice.update_running_stats(running_mean, running_var, stats, momentum)
 
 
 def update_running_stats_(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor,
@@ -169,6 +235,11 @@ def dice(
         y, mean, var, count = dice_ref(x, alpha, running_mean, running_var, weight, bias, mask, training, eps)
         stats = torch.stack([mean.detach(), var.detach(), count.expand_as(mean)]) if training else None
         y = y.to(x.dtype)
+    elif name == "triton":
+        y, stats = dice_fwd_triton(x, mask, alpha, weight, bias, running_mean, running_var, training, eps)
+        if training and running_mean is not None and running_var is not None:
+            dice_update_running_triton(running_mean, running_var, stats, momentum)
+        return y
     else:
         y, stats = dice_fwd_torch(x, mask, alpha, weight, bias, running_mean, running_var, training, eps)
     if training and running_mean is not None and running_var is not None:

@@ -3,7 +3,8 @@
 With ``u = (x - E) * r``, ``r = 1 / sqrt(Var + eps)``, ``p = sigmoid(weight * u + bias)`` and
 ``y = x * (alpha + (1 - alpha) * p)``:
 
-- ``dy/dx`` (statistics held fixed) ``= alpha + (1 - alpha) p + r * g / dy`` with ``g = dy * x (1 - alpha) p (1 - p) weight``
+- ``dy/dx`` (statistics held fixed) ``= alpha + (1 - alpha) p + r * g / dy`` with
+  ``g = dy * x (1 - alpha) p (1 - p) weight``
 - through the batch statistics (training), for the positions V the statistics are taken over (``Nv`` of them):
   ``dx_j += -r / Nv * (sum_i g_i + u_j * sum_i g_i u_i)``, the sums running over every position (as in batch
   normalisation's backward).
@@ -33,11 +34,11 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
         mean = x.mean(dims)
         var = (x - mean).square().mean(dims)
         return mean, var, count
-    m = mask.unsqueeze(-1).to(x.dtype)
-    count = m.sum()
+    m = mask.unsqueeze(-1)
+    count = mask.sum().to(x.dtype)
     denom = count.clamp_min(1)
-    mean = (x * m).sum(dims) / denom
-    var = ((x - mean) * m).square().sum(dims) / denom
+    mean = torch.where(m, x, 0).sum(dims) / denom  # where, not a product: NaN in unselected rows stays out
+    var = torch.where(m, x - mean, 0).square().sum(dims) / denom
     return mean, var, count
 
 
