@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import backend as _backend
 from .._validate import check_index
-from ..ops.mba import check_id_range, distinct_ids, mba_rows
+from ..ops.mba import check_id_range, distinct_ids, mba_embedding_bwd_triton, mba_rows
+
+SUPPORTED = ("torch", "triton")
 
 
 class _MBAEmbeddingFunction(torch.autograd.Function):
@@ -42,6 +45,31 @@ class _MBAEmbeddingFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+class _MBAEmbeddingTritonFunction(torch.autograd.Function):
+    """Lookup forward; backward = one Triton kernel over the distinct ids (sorted once, in the forward) that sums
+    each id's output-gradient rows and adds ``lam * W[j] / n[j]``, writing every touched row once."""
+
+    @staticmethod
+    def forward(ctx, weight, ids, segments, counts, lam, padding_idx, sparse):
+        ctx.save_for_backward(*segments, counts, weight)
+        ctx.lam, ctx.padding_idx, ctx.sparse, ctx.ids_shape = lam, padding_idx, sparse, ids.shape
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from ..triton import mba as _tmba
+
+        ordered, perm, seg_end, counts, weight = ctx.saved_tensors
+        flat_grad = grad_out.reshape(-1, weight.shape[1])
+        if ctx.sparse:
+            grad = _tmba.embedding_backward_sparse(flat_grad, (ordered, perm, seg_end), weight.detach(), counts,
+                                                   ctx.lam, ctx.padding_idx)
+        else:
+            grad = mba_embedding_bwd_triton(flat_grad, ordered, perm, seg_end, weight.detach(), counts, ctx.lam,
+                                            ctx.padding_idx)
+        return grad, None, None, None, None, None, None
+
+
 class MBAEmbedding(nn.Module):
     """``nn.Embedding`` with the paper's mini-batch aware L2 regulariser in its backward.
 
@@ -57,13 +85,20 @@ class MBAEmbedding(nn.Module):
         lam: the regularisation strength (0 disables the term).
         padding_idx: an id whose row gets no gradient and no regularisation.
         sparse: sparse COO gradients (for ``torch.optim.SparseAdam``/``SGD``).
+        backend: ``"auto"`` (``"triton"`` on CUDA when available, else ``"torch"``), ``"torch"`` (scatter-add plus
+            ``index_add_`` of the MBA rows) or ``"triton"`` (the ids sorted once per step on the device, then one
+            kernel over the distinct ids: deterministic, no atomics, no host sync for dense gradients).
     Attributes:
         last_penalty: ``lam / 2 * sum_j ||W[j]||^2 / n[j]`` of the last forward's distinct ids (for logging).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, counts: Tensor | None = None, lam: float = 0.0,
-                 padding_idx: int | None = None, sparse: bool = False, _weight: Tensor | None = None) -> None:
+                 padding_idx: int | None = None, sparse: bool = False, _weight: Tensor | None = None,
+                 backend: str = "auto") -> None:
         super().__init__()
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        self.backend = backend
         if padding_idx is not None and not 0 <= padding_idx < num_embeddings:
             raise ValueError(f"padding_idx must lie in [0, {num_embeddings - 1}], got {padding_idx}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -90,11 +125,24 @@ class MBAEmbedding(nn.Module):
             check_index(f"ids[{i}]", t)
         flat = torch.cat([t.reshape(-1).long() for t in ids]) if len(ids) > 1 else ids[0]
         check_id_range(flat, self.num_embeddings)
-        out = _MBAEmbeddingFunction.apply(self.weight, flat, self.counts, self.lam, self.padding_idx, self.sparse)
-        if self.lam:
+        name = _backend.resolve(self.backend, self.weight.device, "MBAEmbedding", SUPPORTED)
+        if name == "triton":
+            from ..triton import mba as _tmba
+
             with torch.no_grad():
-                self.last_penalty = mba_rows(self.weight, distinct_ids(flat, self.padding_idx), self.counts,
-                                             self.lam)[1]
+                segments = _tmba.sort_segments(flat)
+                if self.lam:
+                    self.last_penalty = _tmba.mba_penalty(segments, self.weight, self.counts, self.lam,
+                                                          self.padding_idx).to(self.weight.dtype)
+            out = _MBAEmbeddingTritonFunction.apply(self.weight, flat, segments, self.counts, self.lam,
+                                                    self.padding_idx, self.sparse)
+        else:
+            out = _MBAEmbeddingFunction.apply(self.weight, flat, self.counts, self.lam, self.padding_idx,
+                                              self.sparse)
+            if self.lam:
+                with torch.no_grad():
+                    self.last_penalty = mba_rows(self.weight, distinct_ids(flat, self.padding_idx), self.counts,
+                                                 self.lam)[1]
         if len(ids) == 1:
             return out
         parts = out.split([t.numel() for t in ids])
@@ -102,4 +150,4 @@ class MBAEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, lam={self.lam}, padding_idx={self.padding_idx}, "
-                f"sparse={self.sparse}")
+                f"sparse={self.sparse}, backend={self.backend!r}")

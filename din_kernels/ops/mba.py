@@ -9,7 +9,7 @@ from .. import backend as _backend
 from .._validate import check_device, check_float, check_index
 from ..reference.mba import mba_l2_ref
 
-SUPPORTED = ("reference", "torch")
+SUPPORTED = ("reference", "torch", "triton")
 
 
 def distinct_ids(ids: Tensor, padding_idx: int | None) -> Tensor:
@@ -44,12 +44,41 @@ def _(weight, grad, ids, counts, lam, padding_idx):
     return weight.new_empty(())
 
 
+@torch.library.triton_op("din_kernels::mba_l2_dense_triton", mutates_args=("grad",))
+def mba_l2_dense_triton(weight: Tensor, grad: Tensor, ids: Tensor, counts: Tensor, lam: float,
+                        padding_idx: int | None) -> Tensor:
+    """As :func:`mba_l2_dense_torch`, in one Triton kernel over the distinct ids (sorted once on the device, no host
+    sync); returns the penalty (0-dim)."""
+    from ..triton import mba as _tmba
+
+    return _tmba.mba_l2_dense(weight, grad, ids, counts, lam, padding_idx).to(weight.dtype)
+
+
+@torch.library.triton_op("din_kernels::mba_embedding_bwd_triton", mutates_args=())
+def mba_embedding_bwd_triton(grad_out: Tensor, sorted_ids: Tensor, perm: Tensor, seg_end: Tensor, weight: Tensor,
+                             counts: Tensor, lam: float, padding_idx: int | None) -> Tensor:
+    """The dense gradient ``[K, D]`` of an embedding lookup plus the MBA term, fused: one Triton kernel over the
+    distinct ids writes each touched row once (``sum of its grad_out rows + lam * W[j] / n[j]``).
+
+    Args:
+        grad_out: ``[M, D]``, the output gradient of the lookups ``ids.flatten()``.
+        sorted_ids, perm, seg_end: ``[M]`` int64, :func:`din_kernels.triton.mba.sort_segments` of those ids.
+        weight: ``[K, D]``; counts: ``[K]``.
+    """
+    from ..triton import mba as _tmba
+
+    return _tmba.embedding_backward_dense(grad_out, (sorted_ids, perm, seg_end), weight, counts, lam, padding_idx)
+
+
 def check_mba_inputs(weight: Tensor, grad: Tensor, ids: Tensor, counts: Tensor) -> None:
     check_float("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [K, D], got shape {tuple(weight.shape)}")
     if grad.shape != weight.shape:
         raise ValueError(f"grad must have the shape of weight {tuple(weight.shape)}, got {tuple(grad.shape)}")
+    if grad.is_sparse and grad.sparse_dim() != 1:
+        raise ValueError(f"a sparse grad must have sparse_dim 1 (rows, as nn.Embedding(sparse=True) gives), got "
+                         f"sparse_dim {grad.sparse_dim()}")
     if counts.dim() != 1 or counts.shape[0] != weight.shape[0]:
         raise ValueError(f"counts must have shape [K] = [{weight.shape[0]}], got {tuple(counts.shape)}")
     check_device(weight.device, grad=grad, ids=ids, counts=counts)
@@ -89,6 +118,14 @@ def mba_l2_(
     check_mba_inputs(weight, grad, ids, counts)
     check_id_range(ids, weight.shape[0])
     name = _backend.resolve(backend, weight.device, "mba_l2", SUPPORTED)
+    if name == "triton":
+        if grad.is_sparse:
+            from ..triton import mba as _tmba
+
+            distinct, rows, penalty = _tmba.mba_rows_sparse(weight, ids, counts, lam, padding_idx)
+            added = torch.sparse_coo_tensor(distinct.unsqueeze(0), rows.to(grad.dtype), grad.shape)
+            return (grad + added).coalesce(), penalty.to(weight.dtype)
+        return grad, mba_l2_dense_triton(weight, grad, ids, counts, lam, padding_idx)
     if grad.is_sparse:
         distinct = distinct_ids(ids, padding_idx)
         rows, penalty = mba_rows(weight, distinct, counts, lam)
@@ -105,7 +142,7 @@ def mba_counts(ids: Tensor, num_embeddings: int, padding_idx: int | None = None)
     """``n [K]`` for MBA: in how many samples (rows of ``ids`` [S, L], or entries of a 1-D ``ids``) each id occurs,
     counting an id once per sample however often the sample repeats it. Run it over the whole training split."""
     check_index("ids", ids)
-    rows = ids.reshape(ids.shape[0], -1) if ids.dim() > 1 else ids.reshape(-1, 1)
+    rows = ids.flatten(1) if ids.dim() > 1 else ids.reshape(-1, 1)
     check_id_range(rows, num_embeddings)
     if rows.numel() == 0:
         return torch.zeros(num_embeddings, dtype=torch.long, device=ids.device)
