@@ -1,10 +1,11 @@
 """din_kernels: fast, faithful Deep Interest Network (DIN) ops for PyTorch.
 
-Public names (SPEC.md): TargetAttention, target_attention, Dice, dice, mba_l2_, MBAEmbedding.
+Public names (SPEC.md): TargetAttention, target_attention, Dice, dice, mba_l2_, MBAEmbedding; the models DIN and
+BaseModel.
 """
 
 from .backend import BACKENDS, BackendUnavailableError, checks, checks_enabled, set_checks
-from .nn import Dice, MBAEmbedding, TargetAttention
+from .nn import DIN, BaseModel, Dice, MBAEmbedding, TargetAttention
 from .ops.attention import target_attention
 from .ops.dice import dice
 from .ops.mba import mba_counts, mba_l2_
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "BaseModel",
+    "DIN",
     "Dice",
     "MBAEmbedding",
     "TargetAttention",

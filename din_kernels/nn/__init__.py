@@ -1,7 +1,8 @@
-"""Modules: TargetAttention, Dice, MBAEmbedding."""
+"""Modules: TargetAttention, Dice, MBAEmbedding, DIN, BaseModel."""
 
 from .attention import TargetAttention
 from .dice import Dice
+from .din import DIN, BaseModel
 from .embedding import MBAEmbedding
 
-__all__ = ["Dice", "MBAEmbedding", "TargetAttention"]
+__all__ = ["DIN", "BaseModel", "Dice", "MBAEmbedding", "TargetAttention"]

@@ -1,0 +1,243 @@
+"""The paper's models (section 4): BaseModel (Embedding&MLP with sum pooling) and DIN (target attention pooling),
+driven by a small declared feature schema.
+
+A batch is a dict of int64 tensors (see :meth:`din_kernels.data.SeqData.batch`):
+
+- ``ad`` ``[B, F]``: the candidate's item fields (goods id, category id, ...), in ``schema.item_fields`` order;
+- ``hist``: the behaviours' item fields, padded ``[B, T, F]`` with ``hist_len`` ``[B]``, or jagged ``[N, F]`` with
+  ``hist_offsets`` ``[B + 1]``; the ad and the behaviours share one embedding table per field, and a behaviour's
+  (and the ad's) embedding is the concatenation of its fields' embeddings (width ``Di = sum(embed_dim)``);
+- ``user`` ``[B, P]``: one-hot profile fields; one ``[B, L]`` tensor per multi-hot field (key = its name, 0-padded,
+  sum pooled);
+- ``context`` ``[B, C]``: context fields.
+
+Id 0 is padding in every table (its row is zero, gets no gradient and no regularisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .._jagged import lengths_from_offsets, padded_mask
+from .._validate import check_choice
+from ..backend import BACKENDS
+from . import embedding as _embedding
+from .attention import TargetAttention
+from .dice import Dice
+from .embedding import MBAEmbedding
+
+MLP_ACTIVATIONS = ("prelu", "dice")
+
+
+def _table(vocab: int, dim: int, counts: Tensor | None, lam: float, backend: str) -> MBAEmbedding:
+    """An MBAEmbedding on ``backend`` when the embedding implements it (e.g. ``torch``, ``triton``), else on
+    ``auto`` (e.g. for ``reference``, which names the attention and Dice oracles)."""
+    supported = getattr(_embedding, "SUPPORTED", None)
+    if supported is None:  # an MBAEmbedding without backends
+        return MBAEmbedding(vocab, dim, counts, lam, padding_idx=0)
+    return MBAEmbedding(vocab, dim, counts, lam, padding_idx=0, backend=backend if backend in supported else "auto")
+
+
+@dataclass(frozen=True)
+class Field:
+    """A categorical field: ``vocab_size`` ids including the padding id 0, embedded in ``embed_dim``."""
+
+    name: str
+    vocab_size: int
+    embed_dim: int = 8
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """The model's input fields. Every field owns one embedding table named after it; ``item_fields`` are shared by
+    the candidate ad and the behaviours."""
+
+    item_fields: tuple[Field, ...]
+    user_fields: tuple[Field, ...] = ()
+    user_multi_fields: tuple[Field, ...] = ()
+    context_fields: tuple[Field, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.item_fields:
+            raise ValueError("item_fields must hold at least one field (the goods id)")
+        names = [f.name for f in self.all_fields()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"field names must be unique, got {names}")
+        reserved = {"ad", "hist", "hist_len", "hist_offsets", "user", "context", "label", "uid"}
+        for f in self.all_fields():
+            if f.vocab_size < 2 or f.embed_dim < 1:
+                raise ValueError(f"field {f.name!r} needs vocab_size >= 2 (id 0 is padding) and embed_dim >= 1, "
+                                 f"got vocab_size={f.vocab_size}, embed_dim={f.embed_dim}")
+        clash = reserved.intersection(f.name for f in self.user_multi_fields)
+        if clash:
+            raise ValueError(f"multi-hot field names {sorted(clash)} clash with batch keys {sorted(reserved)}")
+
+    def all_fields(self) -> tuple[Field, ...]:
+        return self.item_fields + self.user_fields + self.user_multi_fields + self.context_fields
+
+    @property
+    def item_dim(self) -> int:
+        """Di: the width of one behaviour's (and the ad's) embedding."""
+        return sum(f.embed_dim for f in self.item_fields)
+
+    def tables(self) -> dict[str, int]:
+        """``{table name: vocab_size}``."""
+        return {f.name: f.vocab_size for f in self.all_fields()}
+
+    def lookups(self, batch: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+        """Every table's id tensors of one batch: ``[ad ids [B], behaviour ids]`` for the item tables, one tensor
+        for the others."""
+        out: dict[str, list[Tensor]] = {}
+        for j, f in enumerate(self.item_fields):
+            out[f.name] = [batch["ad"][:, j], batch["hist"][..., j]]
+        for j, f in enumerate(self.user_fields):
+            out[f.name] = [batch["user"][:, j]]
+        for f in self.user_multi_fields:
+            out[f.name] = [batch[f.name]]
+        for j, f in enumerate(self.context_fields):
+            out[f.name] = [batch["context"][:, j]]
+        return out
+
+
+def _mlp_activation(name: str, width: int, backend: str) -> nn.Module:
+    return nn.PReLU(width) if name == "prelu" else Dice(width, backend=backend)
+
+
+class BaseModel(nn.Module):
+    """Embedding&MLP (the paper's base model): the behaviours' embeddings are sum pooled into one user interest
+    vector; ``[profile, interest, ad, context]`` goes through an MLP ``mlp_hidden`` (default (200, 80)) with PReLU
+    or Dice to one logit (train with ``BCEWithLogitsLoss``).
+
+    Args:
+        schema: the fields (:class:`FeatureSchema`).
+        mlp_hidden: the MLP's hidden widths.
+        activation: ``prelu`` | ``dice`` for the MLP.
+        mba_lambda: the mini-batch aware L2 strength (paper 5.1) on every embedding table (0: off); ``counts``
+            ``{table: n [K]}`` its per-id sample counts over the training split (default ones).
+        embed_init_std: the embeddings' initial standard deviation.
+        backend: passed to every op of the model (attention, Dice, the embedding tables where they implement it);
+            see :mod:`din_kernels.backend`.
+    """
+
+    def __init__(self, schema: FeatureSchema, mlp_hidden: Sequence[int] = (200, 80), activation: str = "prelu",
+                 mba_lambda: float = 0.0, counts: dict[str, Tensor] | None = None, embed_init_std: float = 0.05,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        check_choice("activation", activation, MLP_ACTIVATIONS)
+        check_choice("backend", backend, BACKENDS)
+        self.schema, self.activation, self.backend = schema, activation, backend
+        counts = counts or {}
+        self.tables = nn.ModuleDict()
+        for f in schema.all_fields():
+            table = _table(f.vocab_size, f.embed_dim, counts.get(f.name), mba_lambda, backend)
+            with torch.no_grad():
+                table.weight.normal_(0, embed_init_std)
+                table.weight[0] = 0
+            self.tables[f.name] = table
+        di = schema.item_dim
+        in_dim = (sum(f.embed_dim for f in schema.user_fields + schema.user_multi_fields + schema.context_fields)
+                  + 2 * di)
+        widths = (in_dim, *(int(h) for h in mlp_hidden))
+        self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.mlp_acts = nn.ModuleList(_mlp_activation(activation, h, backend) for h in widths[1:])
+        self.out = nn.Linear(widths[-1], 1)
+
+    def set_mba(self, lam: float, counts: dict[str, Tensor] | None = None) -> None:
+        """Sets the MBA strength of every table and, when given, its counts ``{table: [K]}``."""
+        for name, table in self.tables.items():
+            table.lam = float(lam)
+            if counts is not None and name in counts:
+                table.counts.copy_(counts[name].to(table.counts.device))
+
+    def mba_penalty(self) -> Tensor:
+        """The MBA penalty of the last forward (0-dim), summed over the tables, for logging."""
+        total = torch.zeros((), dtype=torch.float64)
+        for table in self.tables.values():
+            if table.lam and table.last_penalty is not None:
+                total = total + table.last_penalty.detach().double().cpu()
+        return total
+
+    def _embed(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``(ad [B, Di], hist [B, T, Di] or [N, Di], other per-sample embeddings [B, *])``: each table is looked
+        up once per step (the ad and the behaviours together)."""
+        ad_parts, hist_parts = [], []
+        for j, f in enumerate(self.schema.item_fields):
+            a, h = self.tables[f.name](batch["ad"][:, j], batch["hist"][..., j])
+            ad_parts.append(a)
+            hist_parts.append(h)
+        other = []
+        for j, f in enumerate(self.schema.user_fields):
+            other.append(self.tables[f.name](batch["user"][:, j]))
+        for f in self.schema.user_multi_fields:
+            other.append(self.tables[f.name](batch[f.name]).sum(1))
+        for j, f in enumerate(self.schema.context_fields):
+            other.append(self.tables[f.name](batch["context"][:, j]))
+        cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        return cat(ad_parts), cat(hist_parts), other
+
+    @staticmethod
+    def _layout(batch: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        lengths, offsets = batch.get("hist_len"), batch.get("hist_offsets")
+        if (lengths is None) == (offsets is None):
+            raise ValueError("a batch needs exactly one of 'hist_len' (padded hist [B, T, F]) and 'hist_offsets' "
+                             f"(jagged hist [N, F]); got keys {sorted(batch)}")
+        return lengths, offsets
+
+    def interest(self, ad: Tensor, hist: Tensor, lengths: Tensor | None, offsets: Tensor | None,
+                 return_scores: bool = False):
+        """Sum pooling of the behaviours: ``[B, Di]`` (and all-ones weights at the valid positions)."""
+        if offsets is not None:
+            lengths = lengths_from_offsets(offsets)
+            b_idx = torch.repeat_interleave(torch.arange(ad.shape[0], device=ad.device), lengths,
+                                            output_size=hist.shape[0])
+            pooled = ad.new_zeros(ad.shape).index_add_(0, b_idx, hist)
+            weights = hist.new_ones(hist.shape[0])
+        else:
+            mask = padded_mask(lengths, hist.shape[1])
+            pooled = (hist * mask.unsqueeze(-1).to(hist.dtype)).sum(1)
+            weights = mask.to(hist.dtype)
+        return (pooled, weights) if return_scores else pooled
+
+    def forward(self, batch: dict[str, Tensor], return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits ``[B]``; with ``return_scores`` also the behaviours' pooling weights (``[B, T]`` padded, ``[N]``
+        jagged)."""
+        lengths, offsets = self._layout(batch)
+        ad, hist, other = self._embed(batch)
+        pooled = self.interest(ad, hist, lengths, offsets, return_scores)
+        scores = None
+        if return_scores:
+            pooled, scores = pooled
+        h = torch.cat([*other, pooled, ad], -1)
+        for linear, act in zip(self.mlp, self.mlp_acts):
+            h = act(linear(h))
+        logits = self.out(h).squeeze(-1)
+        return (logits, scores) if return_scores else logits
+
+
+class DIN(BaseModel):
+    """Deep Interest Network: the behaviours are pooled by :class:`din_kernels.TargetAttention` with the candidate
+    ad as the query (local activation, weights not normalised as in the paper), then the MLP of
+    :class:`BaseModel`.
+
+    Args (besides :class:`BaseModel`'s):
+        att_hidden: the attention MLP's hidden widths (default (36,), the paper's Fig. 2; the original code used
+            (80, 40)).
+        att_activation: the attention MLP's activation (default: ``activation``); any of TargetAttention's.
+        att_normalization: ``none`` (the paper) | ``softmax``.
+    """
+
+    def __init__(self, schema: FeatureSchema, mlp_hidden: Sequence[int] = (200, 80), activation: str = "prelu",
+                 att_hidden: Sequence[int] = (36,), att_activation: str | None = None,
+                 att_normalization: str = "none", mba_lambda: float = 0.0, counts: dict[str, Tensor] | None = None,
+                 embed_init_std: float = 0.05, backend: str = "auto") -> None:
+        super().__init__(schema, mlp_hidden, activation, mba_lambda, counts, embed_init_std, backend)
+        self.attention = TargetAttention(schema.item_dim, att_hidden, att_activation or activation,
+                                         att_normalization, backend=backend)
+
+    def interest(self, ad, hist, lengths, offsets, return_scores=False):
+        """Target attention pooling ``[B, Di]`` (and the weights ``[B, T]`` / ``[N]``)."""
+        return self.attention(ad, hist, lengths=lengths, offsets=offsets, return_scores=return_scores)
