@@ -133,6 +133,14 @@ def test_scalar_alpha_and_empty_batch(backend):
     assert torch.equal(alpha.grad, torch.zeros(4))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_weight_or_bias_alone(backend, which):
+    case = make_case((11, 4), mask="sparse", affine=True, seed=12)
+    case["bias" if which == "weight" else "weight"] = None
+    compare(case, backend, torch.float32)
+
+
 def test_triton_multi_program_reduction_is_accurate(monkeypatch, poison):
     """Small tiles and a program cap force several tiles per program and several programs (the Chan merge of the
     partials); an offset of 1e3 with unit spread would lose the variance to cancellation in naive fp32 sums."""

@@ -60,7 +60,7 @@ def test_sparse_matches_reference(backend, padding_idx, poison):
     assert_close(out.to_dense(), want, torch.float64, "grad")
     assert_close(penalty, want_penalty, torch.float64, "penalty")
     empty_grad = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long), torch.empty(0, D, dtype=torch.float64),
-                                         (K, D))
+                                         (K, D), check_invariants=True)
     added, _ = dk.mba_l2_(weight, empty_grad, ids, counts, 0.5, padding_idx, backend=backend)
     n_distinct = ids.unique().numel() - (padding_idx is not None)
     assert added._nnz() == n_distinct, "one row per distinct id, none for the padding id"
@@ -188,6 +188,17 @@ def test_embedding_dtypes_and_lam_zero(backend, dtype):
         want, _ = _explicit(weight.to(dtype).double(), [ids], counts, lam, None, [go.to(dtype).double()])
         assert table.weight.grad.dtype == dtype
         assert_close(table.weight.grad, want, dtype, f"weight grad (lam={lam})")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_without_grad(backend):
+    weight, _, ids, counts = make_case(18)
+    table = dk.MBAEmbedding(K, D, counts=counts, lam=0.3, padding_idx=0, backend=backend, _weight=weight.clone())
+    with torch.no_grad():
+        out = table(ids)
+    assert not out.requires_grad
+    assert torch.equal(out, F.embedding(ids, weight, 0))
+    assert_close(table.last_penalty, mba_l2_ref(weight, weight, ids, counts, 0.3, 0)[1], torch.float64, "penalty")
 
 
 def test_triton_embedding_backward_is_deterministic():

@@ -38,7 +38,8 @@ class _MBAEmbeddingFunction(torch.autograd.Function):
         if ctx.sparse:
             index = torch.cat([flat_ids, distinct]).unsqueeze(0)
             values = torch.cat([flat_grad.to(weight.dtype), rows])
-            return torch.sparse_coo_tensor(index, values, weight.shape), None, None, None, None, None
+            grad = torch.sparse_coo_tensor(index, values, weight.shape, check_invariants=False)
+            return grad, None, None, None, None, None
         grad = torch.zeros_like(weight)
         grad.index_add_(0, flat_ids, flat_grad.to(weight.dtype))
         grad.index_add_(0, distinct, rows)
@@ -129,13 +130,18 @@ class MBAEmbedding(nn.Module):
         if name == "triton":
             from ..triton import mba as _tmba
 
-            with torch.no_grad():
-                segments = _tmba.sort_segments(flat)
-                if self.lam:
-                    self.last_penalty = _tmba.mba_penalty(segments, self.weight, self.counts, self.lam,
-                                                          self.padding_idx).to(self.weight.dtype)
-            out = _MBAEmbeddingTritonFunction.apply(self.weight, flat, segments, self.counts, self.lam,
-                                                    self.padding_idx, self.sparse)
+            needs_grad = torch.is_grad_enabled() and self.weight.requires_grad
+            if needs_grad or self.lam:
+                with torch.no_grad():
+                    segments = _tmba.sort_segments(flat)  # once per step, on the device
+                    if self.lam:
+                        self.last_penalty = _tmba.mba_penalty(segments, self.weight, self.counts, self.lam,
+                                                              self.padding_idx).to(self.weight.dtype)
+            if needs_grad:
+                out = _MBAEmbeddingTritonFunction.apply(self.weight, flat, segments, self.counts, self.lam,
+                                                        self.padding_idx, self.sparse)
+            else:
+                out = F.embedding(flat, self.weight, self.padding_idx)
         else:
             out = _MBAEmbeddingFunction.apply(self.weight, flat, self.counts, self.lam, self.padding_idx,
                                               self.sparse)

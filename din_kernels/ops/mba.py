@@ -118,19 +118,19 @@ def mba_l2_(
     check_mba_inputs(weight, grad, ids, counts)
     check_id_range(ids, weight.shape[0])
     name = _backend.resolve(backend, weight.device, "mba_l2", SUPPORTED)
-    if name == "triton":
-        if grad.is_sparse:
+    if grad.is_sparse:
+        if name == "triton":
             from ..triton import mba as _tmba
 
             distinct, rows, penalty = _tmba.mba_rows_sparse(weight, ids, counts, lam, padding_idx)
-            added = torch.sparse_coo_tensor(distinct.unsqueeze(0), rows.to(grad.dtype), grad.shape)
-            return (grad + added).coalesce(), penalty.to(weight.dtype)
-        return grad, mba_l2_dense_triton(weight, grad, ids, counts, lam, padding_idx)
-    if grad.is_sparse:
-        distinct = distinct_ids(ids, padding_idx)
-        rows, penalty = mba_rows(weight, distinct, counts, lam)
-        added = torch.sparse_coo_tensor(distinct.unsqueeze(0), rows.to(grad.dtype), grad.shape)
+        else:
+            distinct = distinct_ids(ids, padding_idx)
+            rows, penalty = mba_rows(weight, distinct, counts, lam)
+        added = torch.sparse_coo_tensor(distinct.unsqueeze(0), rows.to(grad.dtype), grad.shape,
+                                        check_invariants=False)
         return (grad + added).coalesce(), penalty.to(weight.dtype)
+    if name == "triton":
+        return grad, mba_l2_dense_triton(weight, grad, ids, counts, lam, padding_idx)
     if name == "reference":
         new, penalty = mba_l2_ref(weight, grad, ids, counts, lam, padding_idx)
         grad.copy_(new)

@@ -178,4 +178,5 @@ def embedding_backward_sparse(grad_out: Tensor, segments: tuple[Tensor, Tensor, 
     values = empty(distinct.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
     _run_segments(segments, weight, counts, lam, padding_idx, out=values, out_mode=OUT_STORE_AT_RANK, grad_out=grad_out,
             rank=rank)
-    return torch.sparse_coo_tensor(distinct.unsqueeze(0), values, weight.shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(distinct.unsqueeze(0), values, weight.shape, is_coalesced=True,
+                                   check_invariants=False)
