@@ -7,6 +7,7 @@ with a fake (meta) implementation and autograd, so ``torch.compile(fullgraph=Tru
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +19,7 @@ from ..reference.attention import compute_dtype, target_attention_ref
 from ..torch_impl import attention as _torch_attention
 from .dice import update_running_stats_
 
-SUPPORTED = ("reference", "torch")
+SUPPORTED = ("reference", "torch", "triton")
 
 
 def _fake_fwd(query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
@@ -102,7 +103,8 @@ _FWD_INPUTS = ("query", "keys", "lengths", "offsets", "weights", "biases", "act_
 _FWD_ATTRS = ("activation", "normalization", "scale", "training", "eps")
 
 
-def _setup_context(ctx, inputs, output):
+def _remember(ctx, inputs) -> list:
+    """Stores the attributes on ``ctx`` and returns the tensors the backward needs."""
     (query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, *attrs) = inputs
     ctx.attrs = attrs
     ctx.n_stats = (len(act_means), len(act_vars))
@@ -112,11 +114,15 @@ def _setup_context(ctx, inputs, output):
     ctx.has_lengths, ctx.has_offsets = lengths is not None, offsets is not None
     saved = [query, keys, *(t for t in (lengths, offsets) if t is not None), *weights, *biases, *act_weights,
              *act_means, *act_vars]
-    ctx.save_for_backward(*saved)
+    return saved
 
 
-def _unpack(ctx):
-    saved = list(ctx.saved_tensors)
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*_remember(ctx, inputs))
+
+
+def _unpack(ctx, saved=None):
+    saved = list(ctx.saved_tensors) if saved is None else list(saved)
     query, keys = saved[:2]
     rest = saved[2:]
     lengths = rest.pop(0) if ctx.has_lengths else None
@@ -138,6 +144,125 @@ def _backward(ctx, grad_out, grad_scores, grad_stats):
 
 
 target_attention_fwd_torch.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("din_kernels::check_attention_index", mutates_args=())
+def check_attention_index(index: Tensor, bound: int, jagged: bool) -> Tensor:
+    """Value check of ``lengths`` [B] (``0 <= lengths[b] <= bound = T``) or ``offsets`` [B + 1] (a partition of
+    ``bound = N`` rows); returns a copy of ``index`` that the kernel op consumes, so the check stays in a compiled
+    graph (it reads the tensor: a device-to-host sync on a GPU; switch it off with ``din_kernels.checks(False)``)."""
+    if jagged:
+        check_offsets_values(index, bound)
+    else:
+        check_lengths_values(index, bound)
+    return index.clone()
+
+
+@check_attention_index.register_fake
+def _(index, bound, jagged):
+    return torch.empty_like(index)
+
+
+def _define_triton_ops() -> tuple:
+    """``(fwd, bwd)``: ``din_kernels::target_attention_{fwd,bwd}_triton``. They are ``torch.library.triton_op`` s, so
+    ``torch.compile`` traces into the launchers and keeps the kernels; under ``TRITON_INTERPRET=1`` (kernels on the
+    CPU) they are opaque ``custom_op`` s instead, because ``wrap_triton`` cannot trace interpreted kernels. The
+    kernel module is imported when an op first runs.
+
+    ``fwd`` returns ``(v_U, w, dice_stats, w32, out32)`` (see
+    :func:`din_kernels.triton.attention.target_attention_fwd`); ``bwd`` takes ``grad_out``/``grad_scores``, the
+    forward's inputs and its last three outputs, and returns
+    ``(d query, d keys, d weights, d biases, d act_weights)``.
+    """
+    from torch.library import triton_op
+
+    def define(name):
+        if not _backend.triton_interpret():
+            return triton_op(name, mutates_args=())  # torch.compile sees (and keeps) the kernels
+
+        def opaque(fn):  # wrap_triton returns interpreted kernels unwrapped: a triton_op could not trace them
+            op = torch.library.custom_op(name, fn, mutates_args=())
+            op.register_fake(fn)  # with fake tensors the launchers only allocate their outputs
+            return op
+
+        return opaque
+
+    @define("din_kernels::target_attention_fwd_triton")
+    def fwd(
+        query: Tensor,
+        keys: Tensor,
+        lengths: Tensor | None,
+        offsets: Tensor | None,
+        weights: list[Tensor],
+        biases: list[Tensor],
+        act_weights: list[Tensor],
+        act_means: list[Tensor],
+        act_vars: list[Tensor],
+        activation: str,
+        normalization: str,
+        scale: float,
+        training: bool,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from ..triton import attention as _tr
+
+        return _tr.target_attention_fwd(query, keys, lengths, offsets, weights, biases, act_weights, act_means,
+                                        act_vars, activation, normalization, scale, training, eps)
+
+    @define("din_kernels::target_attention_bwd_triton")
+    def bwd(
+        grad_out: Tensor | None,
+        grad_scores: Tensor | None,
+        query: Tensor,
+        keys: Tensor,
+        lengths: Tensor | None,
+        offsets: Tensor | None,
+        weights: list[Tensor],
+        biases: list[Tensor],
+        act_weights: list[Tensor],
+        act_means: list[Tensor],
+        act_vars: list[Tensor],
+        stats: Tensor,
+        w32: Tensor,
+        out32: Tensor,
+        activation: str,
+        normalization: str,
+        scale: float,
+        training: bool,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+        from ..triton import attention as _tr
+
+        return _tr.target_attention_bwd(grad_out, grad_scores, query, keys, lengths, offsets, weights, biases,
+                                        act_weights, act_means, act_vars, stats, w32, out32, activation,
+                                        normalization, scale, training, eps)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*_remember(ctx, inputs), *output[2:])  # dice_stats, w32, out32 last
+
+    def backward(ctx, grad_out, grad_scores, grad_stats, grad_w32, grad_out32):
+        saved = list(ctx.saved_tensors)
+        outputs = saved[-3:]
+        query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars = _unpack(ctx, saved[:-3])
+        dq, dk, dw, db, da = bwd(grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights,
+                                 act_means, act_vars, *outputs, *ctx.attrs)
+        return (dq, dk, None, None, dw, db, da, [None] * ctx.n_stats[0], [None] * ctx.n_stats[1], None, None, None,
+                None, None)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd, bwd
+
+
+# defined at import (torch.compile cannot trace an op's definition), when the optional triton package is present
+_TRITON_OPS = _define_triton_ops() if importlib.util.find_spec("triton") is not None else None
+
+
+def triton_ops() -> tuple:
+    """``(fwd, bwd)``: the ``din_kernels::target_attention_{fwd,bwd}_triton`` ops (see :func:`_define_triton_ops`)."""
+    if _TRITON_OPS is None:
+        raise _backend.BackendUnavailableError(
+            "backend 'triton' is not available for target_attention: the 'triton' package is not installed")
+    return _TRITON_OPS
 
 
 def _update_running_stats(act_means, act_vars, stats: Tensor, momentum: float) -> None:
@@ -194,6 +319,13 @@ def target_attention(
                            act_vars, normalization, training)
     scale = 1.0 if softmax_scale is None else float(softmax_scale)
     name = _backend.resolve(backend, query.device, "target_attention", SUPPORTED)
+    if name == "triton":
+        from ..triton.attention import check_supported, supports
+
+        if backend == "auto" and not supports(query, keys, weights):  # e.g. float64 or a deeper MLP
+            name = "torch"
+        else:
+            check_supported(query, keys, weights)
     dice_training = activation == "dice" and training
     if name == "reference":
         if _backend.checks_enabled():
@@ -206,6 +338,16 @@ def target_attention(
             normalization, scale, training, dice_eps,
         )
         stats = _stats_from_ref(stats) if dice_training else None
+    elif name == "triton":
+        if _backend.checks_enabled():
+            if offsets is not None:
+                offsets = check_attention_index(offsets, keys.shape[0], True)
+            else:
+                lengths = check_attention_index(lengths, keys.shape[1], False)
+        out, w, stats, _, _ = triton_ops()[0](
+            query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
+            normalization, scale, training, dice_eps,
+        )
     else:
         out, w, stats = target_attention_fwd_torch(
             query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
