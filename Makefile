@@ -18,6 +18,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+train: $(STAMP)
+	$(PY) -m din_kernels train --model base --dataset synthetic --out runs/synthetic/base
+	$(PY) -m din_kernels train --model din --dataset synthetic --out runs/synthetic/din
+	$(PY) -m din_kernels compare runs/synthetic/base runs/synthetic/din
+
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(FULL),--full,)
 

@@ -41,7 +41,7 @@ class TrainConfig:
     backend: str = "auto"
     layout: str = "padded"
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 5e-3
     optimizer: str = "adam"
     epochs: int = 4
     patience: int = 1

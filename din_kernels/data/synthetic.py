@@ -37,7 +37,7 @@ class SyntheticConfig:
     num_users: int = 12000
     num_categories: int = 40
     styles_per_category: int = 4
-    items_per_style: int = 10
+    items_per_style: int = 5
     interests: tuple[int, int] = (3, 6)
     hist_len: tuple[int, int] = (10, 40)
     noise: float = 0.2
