@@ -144,7 +144,8 @@ def _plot_curves(history: dict, path: str) -> None:
 
 @torch.no_grad()
 def _plot_attention(model: DIN, data: SeqData, path: str, num: int = 6) -> None:
-    """Heat map of the target attention weights of a few clicked test impressions with at least 5 behaviours."""
+    """Heat map of the target attention weights of clicked test impressions of a few users (one each, with at
+    least 5 behaviours); behaviours of the ad's category are circled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +153,7 @@ def _plot_attention(model: DIN, data: SeqData, path: str, num: int = 6) -> None:
 
     s = data.splits["test"]
     ok = np.flatnonzero((s["label"] > 0) & (np.minimum(s["pos"], data.max_len) >= 5))
-    idx = ok[:num]
+    idx = ok[np.sort(np.unique(s["uid"][ok], return_index=True)[1])][:num]  # one impression per user
     if idx.size == 0:
         return
     model.eval()
@@ -168,7 +169,8 @@ def _plot_attention(model: DIN, data: SeqData, path: str, num: int = 6) -> None:
     ax.scatter(cols, rows, marker="o", s=12, facecolors="none", edgecolors="red", label="same category as the ad")
     ax.set_yticks(range(len(idx)), [f"user {u}" for u in batch["uid"].numpy()])
     ax.set_xlabel("behaviour (time order)")
-    ax.set_title("DIN attention weight of each behaviour for the candidate ad (clicked test impressions)")
+    ax.set_title("DIN attention weight of each behaviour for the candidate ad (a clicked test impression per user)",
+                 fontsize=9)
     ax.legend(loc="upper right", fontsize=7)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
