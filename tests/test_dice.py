@@ -237,12 +237,7 @@ def _op_args(case, dtype, training):
     return c["x"], c["mask"], c["alpha"], c["weight"], c["bias"], c["running_mean"], c["running_var"], training, 1e-5
 
 
-# Under TRITON_INTERPRET=1 ``wrap_triton`` hands back the interpreted kernel instead of a traceable wrapper, so
-# AOTDispatcher cannot record the launches of a triton_op on the CPU: its check runs on the GPU only.
-CPU_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
-
-
-def _opcheck_dice(backend, training, dtype, device="cpu", test_utils=CPU_CHECKS):
+def _opcheck_dice(backend, training, dtype, device="cpu"):
     fwd = getattr(dice_ops, f"dice_fwd_{backend}")
     bwd = getattr(dice_ops, f"dice_bwd_{backend}")
     case = make_case((2, 5, 3), mask="sparse", affine=True, seed=11)
@@ -250,25 +245,24 @@ def _opcheck_dice(backend, training, dtype, device="cpu", test_utils=CPU_CHECKS)
     args = list(_op_args(case, dtype, training))
     args[0] = args[0].requires_grad_()
     args[2] = args[2].requires_grad_()
-    torch.library.opcheck(fwd, tuple(args), test_utils=test_utils)
+    torch.library.opcheck(fwd, tuple(args))
     with torch.no_grad():
         stats = fwd(*args)[1]
     x, mask, alpha, weight, bias = (t.detach() if t is not None else None for t in args[:5])
-    torch.library.opcheck(bwd, (case["dy"].to(dtype), x, mask, alpha, weight, bias, stats, training, 1e-5),
-                          test_utils=test_utils)
+    torch.library.opcheck(bwd, (case["dy"].to(dtype), x, mask, alpha, weight, bias, stats, training, 1e-5))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(backend, training, dtype):
-    _opcheck_dice(backend, training, dtype, test_utils=CPU_CHECKS if backend == "triton" else "ALL")
+    _opcheck_dice(backend, training, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("training", [True, False])
 def test_opcheck_gpu(training):
-    _opcheck_dice("triton", training, torch.float32, "cuda", "ALL")
+    _opcheck_dice("triton", training, torch.float32, "cuda")
     torch.library.opcheck(dice_ops.dice_update_running_triton,
                           (torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"),
                            torch.rand(3, 3, device="cuda"), 0.1))
@@ -277,11 +271,35 @@ def test_opcheck_gpu(training):
 def test_opcheck_running_update():
     stats = torch.tensor([[0.5, -1.0, 2.0], [1.0, 2.0, 0.5], [4.0, 4.0, 4.0]])
     args = (torch.zeros(3), torch.ones(3), stats, 0.1)
-    torch.library.opcheck(dice_ops.dice_update_running_triton, args, test_utils=CPU_CHECKS)
+    torch.library.opcheck(dice_ops.dice_update_running_triton, args)
     rmean, rvar = torch.zeros(3), torch.ones(3)
     dice_ops.dice_update_running_triton(rmean, rvar, stats, 0.1)
     assert_close(rmean, 0.1 * stats[0], torch.float32, "running_mean")
     assert_close(rvar, 0.9 + 0.1 * stats[1] * 4 / 3, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """The module under ``torch.compile(fullgraph=True)``: output, gradients and running statistics as in eager
+    (aot_eager on the CPU, where inductor cannot build Triton kernels for CPU tensors; the GPU test runs inductor)."""
+    torch.manual_seed(0)
+    module = dk.Dice(6, affine=True, backend=backend)
+    eager = dk.Dice(6, affine=True, backend=backend)
+    with torch.no_grad():
+        for m in (module, eager):
+            m.alpha.fill_(0.2)
+            m.bias.fill_(0.1)
+    x = torch.randn(4, 5, 6, requires_grad=True)
+    mask = torch.rand(4, 5) < 0.5
+    y = torch.compile(module, fullgraph=True, backend="aot_eager")(x, mask)
+    ref = eager(x, mask)
+    torch.testing.assert_close(y, ref)
+    grads = torch.autograd.grad(y.square().sum(), [x, *module.parameters()])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *eager.parameters()])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(module.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])

@@ -10,6 +10,7 @@ from .._validate import check_device, check_float
 from ..reference.attention import compute_dtype
 from ..reference.dice import dice_ref
 from ..torch_impl.dice import dice_act, dice_bwd, masked_moments
+from ..triton._launch import kernel_op
 
 SUPPORTED = ("reference", "torch", "triton")
 
@@ -106,7 +107,11 @@ def _make_backward(bwd_op):
 dice_fwd_torch.register_autograd(_make_backward(dice_bwd_torch), setup_context=_setup_context)
 
 
-@torch.library.triton_op("din_kernels::dice_fwd_triton", mutates_args=())
+def _fake_fwd_triton(x, mask, alpha, weight, bias, running_mean, running_var, training, eps):
+    return x.new_empty(x.shape), x.new_empty((3, x.shape[-1]), dtype=compute_dtype(x, alpha))
+
+
+@kernel_op("din_kernels::dice_fwd_triton", _fake_fwd_triton)
 def dice_fwd_triton(
     x: Tensor,
     mask: Tensor | None,
@@ -130,7 +135,16 @@ def dice_fwd_triton(
     return _tdice.dice_forward(x, alpha, weight, bias, stats, eps), stats
 
 
-@torch.library.triton_op("din_kernels::dice_bwd_triton", mutates_args=())
+def _fake_bwd_triton(dy, x, mask, alpha, weight, bias, stats, training, eps):
+    return (
+        x.new_empty(x.shape),
+        torch.empty_like(alpha),
+        x.new_empty(0) if weight is None else torch.empty_like(weight),
+        x.new_empty(0) if bias is None else torch.empty_like(bias),
+    )
+
+
+@kernel_op("din_kernels::dice_bwd_triton", _fake_bwd_triton)
 def dice_bwd_triton(
     dy: Tensor,
     x: Tensor,
@@ -158,7 +172,7 @@ def dice_bwd_triton(
 dice_fwd_triton.register_autograd(_make_backward(dice_bwd_triton), setup_context=_setup_context)
 
 
-@torch.library.triton_op("din_kernels::dice_update_running_triton", mutates_args=("running_mean", "running_var"))
+@kernel_op("din_kernels::dice_update_running_triton", lambda *args: None, mutates_args=("running_mean", "running_var"))
 def dice_update_running_triton(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
     """``nn.BatchNorm1d``'s running update from ``stats [3, C]`` (unbiased variance), in place, one launch; channels
     of a batch with no selected position are left unchanged."""

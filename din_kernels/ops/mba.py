@@ -8,6 +8,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._validate import check_device, check_float, check_index
 from ..reference.mba import mba_l2_ref
+from ..triton._launch import kernel_op
 
 SUPPORTED = ("reference", "torch", "triton")
 
@@ -29,6 +30,10 @@ def mba_rows(weight: Tensor, distinct: Tensor, counts: Tensor, lam: float) -> tu
     return lam * w / n.unsqueeze(1), penalty
 
 
+def _fake_penalty(weight, *args):
+    return weight.new_empty(())
+
+
 @torch.library.custom_op("din_kernels::mba_l2_dense_torch", mutates_args=("grad",))
 def mba_l2_dense_torch(weight: Tensor, grad: Tensor, ids: Tensor, counts: Tensor, lam: float,
                        padding_idx: int | None) -> Tensor:
@@ -39,12 +44,10 @@ def mba_l2_dense_torch(weight: Tensor, grad: Tensor, ids: Tensor, counts: Tensor
     return penalty.to(weight.dtype)
 
 
-@mba_l2_dense_torch.register_fake
-def _(weight, grad, ids, counts, lam, padding_idx):
-    return weight.new_empty(())
+mba_l2_dense_torch.register_fake(_fake_penalty)
 
 
-@torch.library.triton_op("din_kernels::mba_l2_dense_triton", mutates_args=("grad",))
+@kernel_op("din_kernels::mba_l2_dense_triton", _fake_penalty, mutates_args=("grad",))
 def mba_l2_dense_triton(weight: Tensor, grad: Tensor, ids: Tensor, counts: Tensor, lam: float,
                         padding_idx: int | None) -> Tensor:
     """As :func:`mba_l2_dense_torch`, in one Triton kernel over the distinct ids (sorted once on the device, no host
@@ -54,7 +57,11 @@ def mba_l2_dense_triton(weight: Tensor, grad: Tensor, ids: Tensor, counts: Tenso
     return _tmba.mba_l2_dense(weight, grad, ids, counts, lam, padding_idx).to(weight.dtype)
 
 
-@torch.library.triton_op("din_kernels::mba_embedding_bwd_triton", mutates_args=())
+def _fake_embedding_bwd(grad_out, sorted_ids, perm, seg_end, weight, counts, lam, padding_idx):
+    return torch.empty_like(weight)
+
+
+@kernel_op("din_kernels::mba_embedding_bwd_triton", _fake_embedding_bwd)
 def mba_embedding_bwd_triton(grad_out: Tensor, sorted_ids: Tensor, perm: Tensor, seg_end: Tensor, weight: Tensor,
                              counts: Tensor, lam: float, padding_idx: int | None) -> Tensor:
     """The dense gradient ``[K, D]`` of an embedding lookup plus the MBA term, fused: one Triton kernel over the
