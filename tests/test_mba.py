@@ -201,6 +201,18 @@ def test_embedding_without_grad(backend):
     assert_close(table.last_penalty, mba_l2_ref(weight, weight, ids, counts, 0.3, 0)[1], torch.float64, "penalty")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_popular_id(backend):
+    """One id looked up 150 times (several blocks of the triton segment loop) next to ids seen once."""
+    weight, _, _, counts = make_case(19)
+    ids = torch.cat([torch.full((150,), 5), torch.tensor([1, 2, 22])])[torch.randperm(153)]
+    go = torch.randn(153, D, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    table = dk.MBAEmbedding(K, D, counts=counts, lam=0.2, backend=backend, _weight=weight.clone())
+    (table(ids) * go).sum().backward()
+    want, _ = _explicit(weight, [ids], counts, 0.2, None, [go])
+    assert_close(table.weight.grad, want, torch.float64, "weight grad")
+
+
 def test_triton_embedding_backward_is_deterministic():
     weight, _, _, counts = make_case(10, torch.float32)
     ids = torch.randint(0, 4, (60,), generator=torch.Generator().manual_seed(11))  # long segments

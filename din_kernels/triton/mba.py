@@ -4,8 +4,8 @@ The ids of a step are sorted once on the device (:func:`sort_segments`); equal i
 one program per sorted position (times a block of D); the program at the start of a segment owns that distinct id j
 and every other program does nothing. The owner
 
-- optionally sums the output-gradient rows of its segment (the embedding backward, in the sorted order: each
-  touched row is written exactly once, deterministic, no atomics),
+- optionally sums the output-gradient rows of its segment (the embedding backward, ``BLOCK_M`` rows at a time in the
+  sorted order: each touched row is written exactly once, deterministic, no atomics),
 - adds ``lam * W[j] / n[j]`` (``n`` clamped to at least 1) and writes the row (added in place into a dense grad, or
   stored into a fresh dense grad or into row ``rank`` of a compact ``[U, D]`` buffer for sparse grads),
 - optionally writes its penalty share ``lam / 2 * ||W[j]||^2 / n[j]``.
@@ -33,7 +33,7 @@ def _mba_segment_kernel(
     sorted_ptr, perm_ptr, seg_end_ptr, rank_ptr, weight_ptr, counts_ptr, grad_out_ptr, out_ptr, penalty_ptr,
     M, K, D, lam, padding_idx, stride_wk, stride_wd, stride_gm, stride_gd, stride_ok, stride_od,
     HAS_GRAD_OUT: tl.constexpr, HAS_TERM: tl.constexpr, OUT_MODE: tl.constexpr, PENALTY: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     acc_ty = penalty_ptr.dtype.element_ty
     i = tl.program_id(0).to(tl.int64)
@@ -45,7 +45,9 @@ def _mba_segment_kernel(
     # owner of a distinct id: first of its segment, not the padding id, inside the table (memory safety)
     live = ((i == 0) | (j != prev)) & (j != padding_idx) & (j >= 0) & (j < K)
     row = tl.where(live, j, 0)
-    use_w = live & HAS_TERM
+    use_w = live
+    if not HAS_TERM:
+        use_w = i < 0  # lam = 0: no row of the table is read
     w = tl.load(weight_ptr + row * stride_wk + cols * stride_wd, mask=col_ok & use_w, other=0.0).to(acc_ty)
     n = tl.maximum(tl.load(counts_ptr + row, mask=use_w, other=1).to(acc_ty), 1.0)
     if PENALTY:
@@ -54,10 +56,15 @@ def _mba_segment_kernel(
     if OUT_MODE != 0:
         acc = w * (lam / n)
         if HAS_GRAD_OUT:
+            # the segment's output-gradient rows, BLOCK_M at a time in a fixed order (deterministic)
             end = tl.where(live, tl.load(seg_end_ptr + i), i)
-            for k in range(i, end):
-                src = tl.load(perm_ptr + k).to(tl.int64)
-                acc += tl.load(grad_out_ptr + src * stride_gm + cols * stride_gd, mask=col_ok, other=0.0).to(acc_ty)
+            for k0 in range(i, end, BLOCK_M):
+                ks = k0 + tl.arange(0, BLOCK_M)
+                k_ok = ks < end
+                src = tl.load(perm_ptr + ks, mask=k_ok, other=0).to(tl.int64)
+                tile = tl.load(grad_out_ptr + src[:, None] * stride_gm + cols[None, :] * stride_gd,
+                               mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc += tl.sum(tile.to(acc_ty), 0)
         ok = col_ok & live
         if OUT_MODE == 3:
             dst = out_ptr + tl.load(rank_ptr + i).to(tl.int64) * stride_ok + cols * stride_od
@@ -113,7 +120,8 @@ def _run_segments(segments, weight, counts, lam, padding_idx, out=None, out_mode
             weight if grad_out is None else grad_out, weight if out is None else out, shares,
             M, K, D, lam, -1 if padding_idx is None else padding_idx, weight.stride(0), weight.stride(1),
             *(grad_out.stride() if grad_out is not None else (0, 0)), *(out.stride() if out is not None else (0, 0)),
-            HAS_GRAD_OUT=grad_out is not None, HAS_TERM=lam != 0, OUT_MODE=out_mode, PENALTY=penalty, BLOCK_D=block_d,
+            HAS_GRAD_OUT=grad_out is not None, HAS_TERM=lam != 0, OUT_MODE=out_mode, PENALTY=penalty,
+            BLOCK_M=max(min(2048 // block_d, 32), 1), BLOCK_D=block_d,
         )
     elif penalty:
         shares.zero_()
