@@ -54,7 +54,7 @@ def _mba_segment_kernel(
         share = tl.sum(w * w, 0) / n * lam * 0.5
         tl.store(penalty_ptr + i * tl.num_programs(1) + pid_d, share.to(acc_ty))
     if OUT_MODE != 0:
-        acc = w * (lam / n)
+        acc = (w * (lam / n)).to(acc_ty)  # lam arrives as float64 from inductor
         if HAS_GRAD_OUT:
             # the segment's output-gradient rows, BLOCK_M at a time in a fixed order (deterministic)
             end = tl.where(live, tl.load(seg_end_ptr + i), i)
