@@ -179,6 +179,6 @@ def test_training_reduces_the_loss(data):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert isinstance(model.tables["goods_id"], MBAEmbedding)
