@@ -120,6 +120,25 @@ def compare_to_reference(case, backend, dtype, factor=1.0, **kw):
     return out, w, grads
 
 
+def rounded_case(case: AttentionCase, dtype) -> AttentionCase:
+    """``case`` with every floating tensor rounded to ``dtype``, kept in float64 (what a backend in ``dtype`` sees)."""
+    return AttentionCase(**{k: _round(v, dtype) for k, v in case.__dict__.items()})
+
+
+def assert_runs_close(got, ref, dtype, factor=1.0):
+    """Asserts that two :func:`run_attention` results (``got`` in ``dtype``, ``ref`` in float64) agree: output,
+    scores, every gradient and the running statistics, at the tolerance of ``dtype``."""
+    (out, w, grads, stats), (ref_out, ref_w, ref_grads, ref_stats) = got, ref
+    assert out.dtype == dtype and w.dtype == dtype
+    assert_close(out.cpu(), ref_out.cpu(), dtype, "out", factor)
+    assert_close(w.cpu(), ref_w.cpu(), dtype, "scores", factor)
+    for name, g in ref_grads.items():
+        assert grads[name] is not None and grads[name].dtype == dtype, f"{name} gradient"
+        assert_close(grads[name].cpu(), g.cpu(), dtype, f"d {name}", factor)
+    for a, b in zip(stats[0] + stats[1], ref_stats[0] + ref_stats[1]):
+        assert_close(a.cpu(), b.cpu(), dtype, "running stats", factor)
+
+
 def _round(v, dtype):
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return v.to(dtype).to(torch.float64)
@@ -128,4 +147,5 @@ def _round(v, dtype):
     return v
 
 
-__all__ = ["TOLERANCES", "AttentionCase", "attention_case", "compare_to_reference", "run_attention"]
+__all__ = ["TOLERANCES", "AttentionCase", "assert_runs_close", "attention_case", "compare_to_reference", "rounded_case",
+           "run_attention"]
