@@ -61,10 +61,10 @@ SHAPE_SETS: dict[str, dict[str, list[dict]]] = {
     "default": {
         "attention": [{"B": 256, "T": 50, "D": 32, **_ATT}, {"B": 256, "T": 200, "D": 32, **_ATT},
                       {"B": 1024, "T": 100, "D": 128, **_ATT}],
-        "dice": [{"N": 25_600, "C": 80}, {"N": 102_400, "C": 80}, {"N": 409_600, "C": 40}],
-        "mba": [{"K": 100_000, "B": 1024, "L": 101, "D": 32}, {"K": 1_000_000, "B": 1024, "L": 101, "D": 32},
-                {"K": 10_000_000, "B": 1024, "L": 101, "D": 32}],
-        "din_step": [{"B": 256, "T": 50, **_DIN}, {"B": 512, "T": 100, **_DIN}, {"B": 1024, "T": 100, **_DIN}],
+        "dice": [{"N": 8192, "C": 80}, {"N": 32_768, "C": 80}, {"N": 131_072, "C": 40}],
+        "mba": [{"K": 100_000, "B": 1024, "L": 101, "D": 16}, {"K": 1_000_000, "B": 1024, "L": 101, "D": 16},
+                {"K": 10_000_000, "B": 1024, "L": 101, "D": 16}],
+        "din_step": [{"B": 128, "T": 50, **_DIN}, {"B": 256, "T": 100, **_DIN}, {"B": 512, "T": 100, **_DIN}],
     },
     "full": {
         "attention": [{"B": 256, "T": 50, "D": 32, **_ATT}, {"B": 256, "T": 200, "D": 32, **_ATT},
@@ -124,7 +124,8 @@ def default_dtypes(device: torch.device) -> tuple[list[torch.dtype], dict[str, s
         if torch.cuda.is_bf16_supported():
             return [torch.float32, torch.bfloat16], {}
         return [torch.float32], {"bfloat16": "this GPU has no native bf16"}
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    native = any(probe() for probe in probes if probe is not None)
     if native:
         return [torch.float32, torch.bfloat16], {}
     return [torch.float32], {"bfloat16": "this CPU has no native bf16 (no AVX512-BF16 or AMX): torch emulates it; "
@@ -223,18 +224,22 @@ class Workload:
 
     ``setups[mode]()`` prepares the mode (e.g. runs the forward whose graph the ``backward`` mode differentiates)
     and returns the callable that is timed; ``zero()`` drops the gradients the callables leave behind;
-    ``info`` holds the row's extra fields (e.g. the number of valid behaviours ``N``).
+    ``info`` holds the row's extra fields (e.g. the number of valid behaviours ``N``). For a differentiable op,
+    ``split = (forward, backward)``: ``forward()`` returns the output and ``backward(out)`` differentiates it, so
+    one forward and one backward give the memory of all three modes.
     """
 
     setups: dict[str, Callable[[], Callable[[], object]]]
     zero: Callable[[], None] = lambda: None
     info: dict = field(default_factory=dict)
     keep: list = field(default_factory=list)  # objects that must live as long as the workload
+    split: tuple | None = None
 
 
-def _autograd_setups(call: Callable[[], Tensor], leaves: list[Tensor], grad_out: Tensor) -> tuple[dict, Callable]:
-    """The three modes of a differentiable op ``call()``; the gradients of ``leaves`` are dropped before each
-    backward so every call allocates them afresh (as a training step after ``zero_grad()`` does)."""
+def _autograd_setups(call: Callable[[], Tensor], leaves: list[Tensor], grad_out: Tensor) -> tuple:
+    """``(setups, zero, split)`` of a differentiable op ``call()``: its three modes; the gradients of ``leaves``
+    are dropped before each backward so every call allocates them afresh (as a training step after ``zero_grad()``
+    does)."""
 
     def zero() -> None:
         for t in leaves:
@@ -256,7 +261,11 @@ def _autograd_setups(call: Callable[[], Tensor], leaves: list[Tensor], grad_out:
 
         return run
 
-    return {"forward": lambda: call, "backward": setup_backward, "full": setup_full}, zero
+    def backward(out: Tensor) -> None:
+        zero()
+        out.backward(grad_out)
+
+    return {"forward": lambda: call, "backward": setup_backward, "full": setup_full}, zero, (call, backward)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -324,8 +333,9 @@ def _attention(shape, dtype, device, provider, seed):
         peer = peer.to(device, dtype)
         len2 = lengths.unsqueeze(1)
         leaves = [query, keys, *peer.parameters()]
-        setups, zero = _autograd_setups(lambda: peer(query.unsqueeze(1), keys, len2).squeeze(1), leaves, grad_out)
-        return Workload(setups, zero, info, [peer])
+        setups, zero, split = _autograd_setups(lambda: peer(query.unsqueeze(1), keys, len2).squeeze(1), leaves,
+                                               grad_out)
+        return Workload(setups, zero, info, [peer], split)
     module = din_kernels.TargetAttention(D, hidden, activation,
                                          backend="reference" if provider == "reference_compile" else provider)
     module.load_state_dict(master.state_dict())
@@ -344,8 +354,8 @@ def _attention(shape, dtype, device, provider, seed):
     else:
         def call():
             return module(query, keys, lengths)
-    setups, zero = _autograd_setups(call, [query, keys, *module.parameters()], grad_out)
-    return Workload(setups, zero, info, [module])
+    setups, zero, split = _autograd_setups(call, [query, keys, *module.parameters()], grad_out)
+    return Workload(setups, zero, info, [module], split)
 
 
 def copy_attention_weights(ours: nn.Module, peer: nn.Module) -> None:
@@ -384,8 +394,8 @@ def _dice(shape, dtype, device, provider, seed):
         with torch.no_grad():
             peer.alpha.copy_(alpha)
         peer = peer.to(device, dtype).train()
-        setups, zero = _autograd_setups(lambda: peer(x), [x, *peer.parameters()], grad_out)
-        return Workload(setups, zero, {}, [peer])
+        setups, zero, split = _autograd_setups(lambda: peer(x), [x, *peer.parameters()], grad_out)
+        return Workload(setups, zero, {}, [peer], split)
     module = din_kernels.Dice(C, affine=True, backend="reference" if provider == "reference_compile" else provider)
     with torch.no_grad():
         module.alpha.copy_(alpha)
@@ -401,8 +411,8 @@ def _dice(shape, dtype, device, provider, seed):
     else:
         def call():
             return module(x)
-    setups, zero = _autograd_setups(call, [x, *module.parameters()], grad_out)
-    return Workload(setups, zero, {}, [module])
+    setups, zero, split = _autograd_setups(call, [x, *module.parameters()], grad_out)
+    return Workload(setups, zero, {}, [module], split)
 
 
 def copy_dice_weights(ours: nn.Module, peer: nn.Module) -> None:

@@ -187,12 +187,13 @@ def _best_seconds(fn, device: torch.device, min_run_time: float) -> float:
 
 
 def measure_peaks(device: torch.device, dtypes: Sequence[torch.dtype] = (torch.float32,),
-                  min_run_time: float = 0.5) -> Peaks:
+                  min_run_time: float = 1.0) -> Peaks:
     """Measures the device's matmul rate for each dtype and its copy bandwidth.
 
     CPU: a square matmul of n = 2048 (fp32; 1024 for 16-bit types, which many CPUs emulate) and the copy of a
     256 MiB tensor (well past the last-level cache). GPU: n = 8192 matmuls and a 2 GiB copy. The copy moves each
-    byte twice (read and write).
+    byte twice (read and write). Each peak is the fastest call over ``min_run_time`` seconds: on a machine shared
+    with other work, the best moment is the closest to what the device can do.
     """
     device = torch.device(device)
     gpu = device.type == "cuda"

@@ -59,11 +59,16 @@ EOF
 stage env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no CUDA device\")'"
 
 # 1. install: with the extension when it builds, else without it, else run from the source tree
+# (GPU_CHECK_SKIP_INSTALL=1 leaves the environment as it is, e.g. to try the script where the package is installed)
+if [ "${GPU_CHECK_SKIP_INSTALL:-0}" = "1" ]; then
+  echo "install skipped (GPU_CHECK_SKIP_INSTALL=1)" | tee -a "$LOG"
+else
 stage install "$INSTALL_S" env -u DIN_KERNELS_SKIP_CUDA_BUILD "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
-if ! "$PY" -c "import din_kernels" > /dev/null 2>&1 || grep -q '"stage": "install", "status": "\(failed\|timeout\)"' "$STAGES"; then
+if grep -q '"stage": "install", "status": "\(failed\|timeout\)"' "$STAGES"; then
   stage install_pure 60 env DIN_KERNELS_SKIP_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
-if ! "$PY" -c "import din_kernels" > /dev/null 2>&1; then
+fi
+if ! (cd / && "$PY" -c "import din_kernels") > /dev/null 2>&1; then
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
   echo "din_kernels is not installed: running from the source tree (PYTHONPATH=$REPO)" | tee -a "$LOG"
 fi

@@ -12,8 +12,10 @@ Peak memory, as growth over what the inputs (and, for ``backward``, the retained
   package but run nothing (``multiprocessing`` forkserver). In it, each mode is warmed up once, its gradients
   dropped, ``malloc_trim`` run, the baseline taken from ``VmRSS``, the high-water mark reset
   (``/proc/self/clear_refs``), the call run once, and ``VmHWM`` read. glibc's mmap threshold is pinned to 64 KiB
-  there, so large tensors map and unmap their pages and the high-water mark follows the live tensors. Where the
-  high-water mark cannot be reset (not Linux), ``ru_maxrss`` growth over the baseline is used without the warm-up.
+  there, so large tensors map and unmap their pages and the high-water mark follows the live tensors. A
+  differentiable op is measured with one forward and one backward (after one warm-up of both), which give all three
+  modes (:func:`rss_split_peaks_mb`). Where the high-water mark cannot be reset (not Linux), ``ru_maxrss`` growth
+  over the baseline is used without the warm-up.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import resource
 import sys
 import time
+import timeit
 import traceback
 from dataclasses import dataclass
 
@@ -77,37 +80,54 @@ def time_cpu(fn, min_run_time: float = 0.5, min_samples: int = 5, max_run_time: 
     return quantiles(list(m.times))
 
 
+SLOW_CALL_S = 0.2
+
+
 def time_interleaved(setups: dict, rounds: int = 3, min_run_time: float = 0.3, min_samples: int = 5,
-                     max_run_time: float = 6.0) -> dict:
+                     max_run_time: float = 3.0, resetup: bool = False) -> dict:
     """Times several providers of one row in turns, so that a change in background load (a shared machine) hits
     every provider alike instead of whichever ran at that moment.
 
-    ``setups[name]()`` returns the callable to time (set up afresh each round: e.g. the forward whose graph a
-    ``backward`` row differentiates). Each provider is warmed up once (its first call, which also estimates its
-    length), then ``rounds`` rounds of ``Timer.blocked_autorange`` run each provider for its share of
-    ``max(min_run_time, min_samples * estimate)`` seconds (capped at ``max_run_time``). Returns
+    ``setups[name]()`` returns the callable to time. Each provider is warmed up once (its first call, which also
+    estimates its length ``t``); then in each of ``rounds`` rounds every provider runs for its share of
+    ``max(min_run_time, min_samples * t)`` seconds (capped at ``max_run_time``, at least one call a round):
+    calls shorter than :data:`SLOW_CALL_S` with ``Timer.blocked_autorange`` (blocks that amortise the timer),
+    longer ones one call per sample with the standard library's ``timeit.Timer(fn).timeit(1)`` (the clock
+    ``torch.utils.benchmark`` wraps, without the two warm-up calls its ``timeit`` adds: at that length there is
+    nothing to amortise). ``resetup``: call ``setups[name]()`` again each round (e.g. a
+    ``backward`` row, so that only one provider's retained graph is alive at a time). Returns
     ``{name: Timing or the exception that stopped it}``.
     """
     from torch.utils import benchmark
 
-    share, times, out = {}, {}, {}
+    fns, share, first, times, out = {}, {}, {}, {}, {}
     for name, setup in setups.items():
         try:
             fn = setup()
             start = time.perf_counter()
             fn()
-            first = time.perf_counter() - start
+            first[name] = time.perf_counter() - start
+            fns[name] = None if resetup else fn
             del fn
-            total = min(max(min_run_time, min_samples * first), max(max_run_time, rounds * first))
+            total = min(max(min_run_time, min_samples * first[name]), max_run_time)
             share[name], times[name] = total / rounds, []
         except Exception as e:  # noqa: BLE001 - a failing provider is reported, the others go on
             out[name] = e
     for _ in range(rounds):
         for name in list(share):
             try:
-                fn = setups[name]()
-                timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-                times[name].extend(timer.blocked_autorange(min_run_time=share[name]).times)
+                fn = fns[name] or setups[name]()
+                if first[name] < SLOW_CALL_S:
+                    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+                    times[name].extend(timer.blocked_autorange(min_run_time=share[name]).times)
+                else:
+                    timer, spent = timeit.Timer(fn, timer=time.perf_counter), 0.0
+                    while True:
+                        t = timer.timeit(number=1)
+                        times[name].append(t)
+                        spent += t
+                        if spent + t > share[name]:
+                            break
                 del fn, timer
             except Exception as e:  # noqa: BLE001
                 out[name] = e
@@ -207,6 +227,34 @@ def rss_peak_mb(run, zero) -> float:
     return max(peak - base, 0) / 1024
 
 
+def rss_split_peaks_mb(forward, backward, warm_up, zero) -> dict[str, float]:
+    """Peak resident growth of ``forward``, ``backward`` and both, from one forward and one backward.
+
+    ``forward``: the growth of the forward over the inputs; ``backward``: the growth of the backward over the
+    inputs and the retained graph (what a ``backward`` row times); ``full``: the larger of the forward's peak and
+    the graph plus the backward's peak, both over the inputs. ``warm_up()`` runs one forward and backward first
+    (lazy initialisation, compilation), ``zero()`` drops the gradients it left. Needs a resettable high-water mark
+    (``/proc/self/clear_refs``).
+    """
+    libc = _glibc()
+    warm_up()
+    zero()
+    gc.collect()
+    if libc is not None:
+        libc.malloc_trim(0)
+    base = _status_kb()["VmRSS"]
+    _reset_hwm()
+    out = forward()
+    fwd = _status_kb()["VmHWM"] - base
+    mid = _status_kb()["VmRSS"]
+    _reset_hwm()
+    backward(out)
+    bwd = _status_kb()["VmHWM"] - mid
+    del out
+    return {"forward": max(fwd, 0) / 1024, "backward": max(bwd, 0) / 1024,
+            "full": max(fwd, mid - base + bwd, 0) / 1024}
+
+
 def _memory_worker(conn, op: str, provider: str, items: list, device: str, threads: int, seed: int) -> None:
     """Child process: the peak memory of ``provider`` on each ``(key, shape, dtype name, modes)`` of ``items``;
     sends ``{key: {mode: MiB or "error: ..."}}``."""
@@ -226,6 +274,13 @@ def _memory_worker(conn, op: str, provider: str, items: list, device: str, threa
         except Exception as e:  # noqa: BLE001 - any failure becomes the row's reason
             res.update({m: f"error: {type(e).__name__}: {e}" for m in modes})
             continue
+        if wl.split is not None and os.path.exists("/proc/self/clear_refs") and _reset_hwm():
+            try:
+                forward, backward = wl.split
+                res.update(rss_split_peaks_mb(forward, backward, wl.setups["full"](), wl.zero))
+            except Exception as e:  # noqa: BLE001
+                res.update({m: f"error: {type(e).__name__}: {e}" for m in modes})
+            modes = []
         for mode in modes:
             try:
                 run = wl.setups[mode]()

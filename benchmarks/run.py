@@ -45,6 +45,8 @@ import din_kernels  # noqa: E402
 from benchmarks import cases, floor, measure, report  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+# shares of --time-budget by op (cumulative: time an op leaves unused passes on to the next)
+BUDGET_WEIGHTS = {"attention": 0.5, "dice": 0.2, "mba": 0.15, "din_step": 0.15}
 
 
 def git_commit() -> str:
@@ -74,7 +76,8 @@ class Runner:
         self.rows: list[dict] = []
         self.printed: set = set()
         self.stream = None  # a file the rows are appended to as they come (a killed run keeps its rows)
-        self.deadline = time.perf_counter() + args.time_budget if args.time_budget else None
+        self.started = time.perf_counter()
+        self.deadline = None  # set per op by run_op under a time budget
         self.meta = {
             "device": peaks.device, "device_type": device.type, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "triton": _triton_version(), "din_kernels": din_kernels.__version__,
@@ -166,7 +169,8 @@ class Runner:
                 timed = measure.time_interleaved({p: wl.setups[mode] for p, wl in live.items()},
                                                  rounds=self.args.rounds, min_run_time=self.args.min_run_time,
                                                  min_samples=self.args.min_samples,
-                                                 max_run_time=self.args.max_run_time)
+                                                 max_run_time=self.args.max_run_time,
+                                                 resetup=mode == "backward")
                 results = {p: t if isinstance(t, Exception) else (t, None) for p, t in timed.items()}
                 for wl in live.values():
                     wl.zero()
@@ -206,14 +210,20 @@ class Runner:
                     r["mem_error"] = value or "not measured"
             print(f"  memory {op} {provider}: {time.perf_counter() - start:.1f} s", flush=True)
 
-    def run_op(self, op: str, shapes: list[dict]) -> None:
+    def run_op(self, op: str, shapes: list[dict], budget_share: float = 1.0) -> None:
+        """Measures every shape and dtype of ``op``; under ``--time-budget``, no case but the op's first starts
+        once the op's cumulative share of the budget (``budget_share``, 0..1) is spent, so every op gets its turn."""
+        if self.args.time_budget:
+            self.deadline = self.started + self.args.time_budget * budget_share
         print(f"[{op}]", flush=True)
+        first = True
         for shape in shapes:
             for dtype in self.dtypes:
-                if self.out_of_time():
-                    self.skip(op, "all", shape, dtype, f"the run's time budget ({self.args.time_budget:.0f} s) was "
-                                                       "spent before this case")
+                if self.out_of_time() and not first:
+                    self.skip(op, "all", shape, dtype, f"the run's time budget ({self.args.time_budget:.0f} s, "
+                                                       f"{op}'s share of it) was spent before this case")
                     continue
+                first = False
                 providers = self.providers_for(op, shape, dtype)
                 if providers:
                     self.measure_case(op, shape, dtype, providers)
@@ -267,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="CPU: interleaved timing rounds per row")
     ap.add_argument("--min-run-time", type=float, default=0.3, help="CPU: seconds of timing per row at least")
     ap.add_argument("--min-samples", type=int, default=5, help="CPU: samples per row wanted")
-    ap.add_argument("--max-run-time", type=float, default=3.0, help="CPU: seconds of timing per row at most")
+    ap.add_argument("--max-run-time", type=float, default=2.0, help="CPU: seconds of timing per row at most")
     ap.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time (ms)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds after which no new case starts (the rest is recorded as skipped)")
@@ -314,9 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.stem or report.device_slug([runner.meta])
     latest = os.path.join(args.out, f"{stem}-latest.jsonl")
     runner.stream = open(latest, "w")
-    for op in args.ops or cases.OPS:
+    ops = args.ops or list(cases.OPS)
+    weights = [BUDGET_WEIGHTS[op] for op in ops]
+    for i, op in enumerate(ops):
         shapes = [cases.shrink(s, args.shrink) if args.shrink > 1 else s for s in cases.SHAPE_SETS[shape_set][op]]
-        runner.run_op(op, shapes)
+        runner.run_op(op, shapes, budget_share=sum(weights[: i + 1]) / sum(weights))
     if not args.no_headline:
         runner.ensure_headline()
     for d, why in dtype_skips.items():
