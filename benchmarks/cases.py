@@ -59,10 +59,11 @@ SHAPE_SETS: dict[str, dict[str, list[dict]]] = {
         "din_step": [{"B": 64, "T": 20, "D": 32, "vocab": 10_000}],
     },
     "default": {
-        "attention": [{"B": 256, "T": 50, "D": 32, **_ATT}, {"B": 256, "T": 200, "D": 32, **_ATT},
-                      {"B": 1024, "T": 100, "D": 128, **_ATT}],
+        "attention": [{"B": 256, "T": 50, "D": 32, **_ATT}, {"B": 256, "T": 100, "D": 32, **_ATT},
+                      {"B": 256, "T": 200, "D": 32, **_ATT}, {"B": 1024, "T": 100, "D": 128, **_ATT}],
         "dice": [{"N": 8192, "C": 80}, {"N": 32_768, "C": 80}, {"N": 131_072, "C": 40}],
-        "mba": [{"K": 100_000, "B": 1024, "L": 101, "D": 16}, {"K": 1_000_000, "B": 1024, "L": 101, "D": 16},
+        "mba": [{"K": 100_000, "B": 1024, "L": 101, "D": 16, "ids": 100_000},
+                {"K": 10_000_000, "B": 1024, "L": 101, "D": 16, "ids": 100_000},
                 {"K": 10_000_000, "B": 1024, "L": 101, "D": 16}],
         "din_step": [{"B": 128, "T": 50, **_DIN}, {"B": 256, "T": 100, **_DIN}, {"B": 512, "T": 100, **_DIN}],
     },
@@ -73,8 +74,10 @@ SHAPE_SETS: dict[str, dict[str, list[dict]]] = {
                       {"B": 2048, "T": 500, "D": 256, **_ATT}],
         "dice": [{"N": 102_400, "C": 80}, {"N": 409_600, "C": 80}, {"N": 819_200, "C": 80},
                  {"N": 4_194_304, "C": 200}],
-        "mba": [{"K": 100_000, "B": 1024, "L": 101, "D": 32}, {"K": 1_000_000, "B": 1024, "L": 101, "D": 32},
-                {"K": 10_000_000, "B": 1024, "L": 101, "D": 32}, {"K": 10_000_000, "B": 4096, "L": 201, "D": 64}],
+        "mba": [{"K": 100_000, "B": 1024, "L": 101, "D": 32, "ids": 100_000},
+                {"K": 10_000_000, "B": 1024, "L": 101, "D": 32, "ids": 100_000},
+                {"K": 1_000_000, "B": 1024, "L": 101, "D": 32}, {"K": 10_000_000, "B": 1024, "L": 101, "D": 32},
+                {"K": 10_000_000, "B": 4096, "L": 201, "D": 64}],
         "din_step": [{"B": 256, "T": 50, **_DIN}, {"B": 1024, "T": 100, **_DIN}, {"B": 4096, "T": 200, **_DIN}],
     },
     "gpu": {
@@ -82,7 +85,9 @@ SHAPE_SETS: dict[str, dict[str, list[dict]]] = {
                       {"B": 4096, "T": 50, "D": 128, **_ATT}, {"B": 4096, "T": 500, "D": 128, **_ATT},
                       {"B": 4096, "T": 200, "D": 256, **_ATT}],
         "dice": [{"N": 4_194_304, "C": 200}, {"N": 1_048_576, "C": 80}],
-        "mba": [{"K": 100_000, "B": 4096, "L": 201, "D": 64}, {"K": 10_000_000, "B": 4096, "L": 201, "D": 64}],
+        "mba": [{"K": 100_000, "B": 4096, "L": 201, "D": 64, "ids": 100_000},
+                {"K": 10_000_000, "B": 4096, "L": 201, "D": 64, "ids": 100_000},
+                {"K": 10_000_000, "B": 4096, "L": 201, "D": 64}],
         "din_step": [{"B": 1024, "T": 100, **_DIN}, {"B": 4096, "T": 200, **_DIN}],
     },
 }
@@ -111,7 +116,7 @@ def to_dtype(name: str) -> torch.dtype:
 
 def shape_label(op: str, shape: dict) -> str:
     """``B=1024 T=100 D=128``: the size fields of a shape (hidden widths and activation left out)."""
-    keys = {"attention": ("B", "T", "D"), "dice": ("N", "C"), "mba": ("K", "B", "L", "D"),
+    keys = {"attention": ("B", "T", "D"), "dice": ("N", "C"), "mba": ("K", "B", "L", "D", "ids"),
             "din_step": ("B", "T", "D")}[op]
     return " ".join(f"{k}={shape[k]}" for k in keys if k in shape)
 
@@ -433,14 +438,16 @@ def _mba(shape, dtype, device, provider, seed):
     import din_kernels
     from din_kernels.reference.mba import mba_l2_ref
 
-    K, B, L, D = shape["K"], shape["B"], shape["L"], shape["D"]
+    K, B, L, D = shape["K"], shape["B"], shape["L"], shape["D"]  # ids drawn from [1, shape["ids"]) (default K)
     lam = 1e-6
 
     def make():
         g = _generator(device, seed)
         weight = torch.randn(K, D, generator=g, device=device).to(dtype)
         grad = torch.zeros(K, D, device=device, dtype=dtype)
-        ids = torch.randint(1, K, (B, L), generator=g, device=device)
+        # a generator of their own: the same ids (the same batch) whatever the table size
+        ids = torch.randint(1, min(shape.get("ids", K), K), (B, L), generator=_generator(device, seed + 1),
+                            device=device)
         counts = torch.randint(1, 1000, (K,), generator=g, device=device)
         return weight, grad, ids, counts, {"M": B * L, "U": int(torch.unique(ids).numel())}
 

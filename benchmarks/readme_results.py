@@ -51,9 +51,9 @@ def pivot(rows: list[dict], op: str) -> str:
             if r is None:
                 row.append("-")
             elif ref and p != "reference":
-                row.append(f"{r['median_ms']:.3g} ({ref / r['median_ms']:.2f}x)")
+                row.append(f"{report.fmt_ms(r['median_ms'])} ({ref / r['median_ms']:.2f}x)")
             else:
-                row.append(f"{r['median_ms']:.3g}")
+                row.append(report.fmt_ms(r["median_ms"]))
         floor_ms = next(iter(by_p.values()))["floor_ms"]
         lines.append(f"| {label} | {dtype} | " + " | ".join(row) + f" | {floor_ms:.3g} |")
     return "\n".join(lines)

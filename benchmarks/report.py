@@ -21,18 +21,19 @@ from collections.abc import Iterable
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.cases import HEADLINE, PEER, shape_label  # noqa: E402
+from benchmarks.cases import HEADLINE, PEER, PROVIDERS, shape_label  # noqa: E402
 
 REQUIRED = ("op", "provider", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "floor_ms",
             "torch", "git")
-SHAPE_KEYS = {"attention": ("B", "T", "D", "hidden", "activation"), "dice": ("N", "C"), "mba": ("K", "B", "L", "D"),
-              "din_step": ("B", "T", "D", "vocab")}
+SHAPE_KEYS = {"attention": ("B", "T", "D", "hidden", "activation"), "dice": ("N", "C"),
+              "mba": ("K", "B", "L", "D", "ids"), "din_step": ("B", "T", "D", "vocab")}
+OPTIONAL_SHAPE_KEYS = {"ids"}  # MBA: the ids' range when narrower than the table (the same batch for every K)
 
 
 def check_row(row: dict) -> None:
     """Raises ``ValueError`` naming what a measured row lacks (the fields of DESIGN.md's schema)."""
     missing = [k for k in REQUIRED if k not in row]
-    missing += [k for k in SHAPE_KEYS.get(row.get("op"), ()) if k not in row]
+    missing += [k for k in SHAPE_KEYS.get(row.get("op"), ()) if k not in row and k not in OPTIONAL_SHAPE_KEYS]
     if missing:
         raise ValueError(f"row of {row.get('op')}/{row.get('provider')} lacks {missing}")
     for k in ("median_ms", "p20_ms", "p80_ms", "floor_ms"):
@@ -73,7 +74,7 @@ def case_key(row: dict) -> tuple:
     return (row["op"], shape_label(row["op"], row), row["dtype"], row["mode"])
 
 
-def _fmt_ms(ms: float | None) -> str:
+def fmt_ms(ms: float | None) -> str:
     if ms is None or (isinstance(ms, float) and math.isnan(ms)):
         return "-"
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
@@ -127,7 +128,7 @@ def headline_table(rows: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: |"]
     order = {p: i for i, p in enumerate(("torch", "cpu", "triton", "cuda", PEER, "reference", "reference_compile"))}
     for r in sorted(hr, key=lambda r: order.get(r["provider"], 99)):
-        lines.append(f"| {r['provider']} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])} "
+        lines.append(f"| {r['provider']} | {fmt_ms(r['median_ms'])} | {fmt_ms(r['p20_ms'])}-{fmt_ms(r['p80_ms'])} "
                      f"| {_ratio(peer['median_ms'], r['median_ms']) if peer else '-'} | {_fmt_mb(r['peak_mem_mb'])} |")
     return "\n".join(lines)
 
@@ -145,7 +146,7 @@ def op_table(rows: list[dict], op: str) -> str:
     for r in rs:
         frac = f"{100 * r['floor_ms'] / r['median_ms']:.1f}%" if r["median_ms"] else "-"
         lines.append(f"| {shape_label(op, r)} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-                     f"{_fmt_ms(r['median_ms'])} | {_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])} | "
+                     f"{fmt_ms(r['median_ms'])} | {fmt_ms(r['p20_ms'])}-{fmt_ms(r['p80_ms'])} | "
                      f"{_ratio(ref.get(case_key(r)), r['median_ms'])} | {_fmt_mb(r['peak_mem_mb'])} | "
                      f"{r['floor_ms']:.3g} | {frac} | {_achieved(r)} |")
     return "\n".join(lines)
@@ -165,21 +166,24 @@ def skipped_table(rows: list[dict]) -> str:
 
 
 def mba_k_table(rows: list[dict]) -> str:
-    """MBA time against the table size K at one batch: the cost should not depend on K."""
+    """MBA time against the table size K: the same batch (ids drawn from one range, ``ids``) at every K, and ids
+    drawn over the whole table. The torch path's cost should follow the batch's distinct rows, not K."""
     rs = [r for r in ok_rows(rows) if r["op"] == "mba"]
     groups = defaultdict(dict)
     for r in rs:
-        groups[(r["provider"], r["dtype"], r["B"], r["L"], r["D"])][r["K"]] = r["median_ms"]
+        ids = f"ids < {r['ids']:.0e} (same batch)" if r.get("ids") else "ids over the table"
+        groups[(r["provider"], r["dtype"], r["B"], r["L"], r["D"], ids)][r["K"]] = (r["median_ms"], r.get("U"))
     ks = sorted({r["K"] for r in rs})
     if len(ks) < 2:
         return ""
-    lines = ["### MBA cost against the table size K (same batch)", "",
-             "| provider | dtype | batch | " + " | ".join(f"K={k:.0e} ms" for k in ks)
+    lines = ["### MBA cost against the table size K", "", "U: the batch's distinct ids (rows read and written).", "",
+             "| provider | dtype | batch | ids | " + " | ".join(f"K={k:.0e} ms" for k in ks)
              + f" | K={ks[-1]:.0e} / K={ks[0]:.0e} |",
-             "| --- | --- | --- | " + " | ".join("---:" for _ in ks) + " | ---: |"]
-    for (p, dt, B, L, D), by_k in sorted(groups.items()):
-        cells = " | ".join(_fmt_ms(by_k.get(k)) for k in ks)
-        lines.append(f"| {p} | {dt} | B={B} L={L} D={D} | {cells} | {_ratio(by_k.get(ks[-1]), by_k.get(ks[0]))} |")
+             "| --- | --- | --- | --- | " + " | ".join("---:" for _ in ks) + " | ---: |"]
+    for (p, dt, B, L, D, ids), by_k in sorted(groups.items()):
+        cells = " | ".join(f"{fmt_ms(by_k[k][0])} (U={by_k[k][1]})" if k in by_k else "-" for k in ks)
+        last, first = by_k.get(ks[-1], (None,))[0], by_k.get(ks[0], (None,))[0]
+        lines.append(f"| {p} | {dt} | B={B} L={L} D={D} | {ids} | {cells} | {_ratio(last, first)} |")
     return "\n".join(lines)
 
 
@@ -203,6 +207,13 @@ def markdown(rows: list[dict], meta: dict | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- plots
+
+
+def _color(provider: str):
+    """One colour per provider in every plot."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](PROVIDERS.index(provider) if provider in PROVIDERS else 9)
 
 
 def _last_mode(op: str) -> str:
@@ -234,7 +245,7 @@ def plot_speedup(rows: list[dict], path: str) -> str | None:
                 r = next((r for r in rs if r["provider"] == p and shape_label(op, r) == label and r["dtype"] == dt),
                          None)
                 ys.append(ref[(op, label, dt, _last_mode(op))] / r["median_ms"] if r and r["median_ms"] else 0)
-            ax.bar([j + i * width for j in range(len(cases_))], ys, width, label=p)
+            ax.bar([j + i * width for j in range(len(cases_))], ys, width, label=p, color=_color(p))
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases_))])
         ax.set_xticklabels([f"{label}\n{dt}" for label, dt in cases_], fontsize=7)
@@ -266,7 +277,7 @@ def plot_time_vs_t(rows: list[dict], path: str) -> str | None:
     for ax, ((B, D, dt), grs) in zip(axes[0], sorted(groups.items())):
         for p in sorted({r["provider"] for r in grs}):
             pts = sorted((r["T"], r["median_ms"]) for r in grs if r["provider"] == p)
-            ax.plot([t for t, _ in pts], [m for _, m in pts], marker="o", label=p)
+            ax.plot([t for t, _ in pts], [m for _, m in pts], marker="o", label=p, color=_color(p))
         floor_pts = sorted({(r["T"], r["floor_ms"]) for r in grs})
         ax.plot([t for t, _ in floor_pts], [f for _, f in floor_pts], "k--", lw=0.8, label="floor")
         ax.set_xlabel("T (history length)")
@@ -285,6 +296,7 @@ def write_reports(rows: list[dict], out_dir: str, meta: dict | None = None, plot
                   stem: str | None = None) -> dict[str, str]:
     """Writes ``<stem>-latest.md`` and the plots next to the JSON; returns ``{kind: path}``."""
     stem = stem or device_slug(ok_rows(rows) or rows)
+    os.makedirs(out_dir, exist_ok=True)
     paths = {}
     md = markdown(rows, meta)
     paths["md"] = os.path.join(out_dir, f"{stem}-latest.md")
