@@ -45,6 +45,12 @@ def test_shapes(B, T, D, hidden, activation):
                              normalization=normalization, training=True, scale=1.3)
 
 
+def test_widest_blocks():
+    """D and widths up to 256: 256-wide blocks, and a 130-wide layer padded to 256."""
+    case = attention_case(B=2, T=5, D=256, hidden=(256, 130), activation="dice", seed=19)
+    compare_to_reference(case, "triton", torch.float32, activation="dice", normalization="softmax", training=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 @pytest.mark.parametrize("activation", ["sigmoid", "dice"])
 def test_dtypes(dtype, activation):

@@ -36,7 +36,11 @@ samples ``p, p + P, ...`` and keeps every batch-summed gradient (``d(Wk - Wd)``,
 ``dw_last``, ``db_last``, the PReLU weights / Dice alphas) in registers; each program writes its partials once to a
 ``[P, ...]`` buffer that the launcher sums over ``P`` (``torch.sum``: deterministic, bit-reproducible, no atomics).
 Per-sample quantities (``dq``, ``dc``) are written per sample. Partials cost ``P * (2 * H1 * D + H1 * H2) * 4`` bytes
-written and read, about 11 MB for P = 132, D = 128, H = (80, 40), against the ``2 * N * D`` elements of keys and dK.
+written and read back, 12.5 MB for P = 132, D = 128, H = (80, 40), where per-sample partials of ``dM_b`` would cost
+``8 B H1 D`` (84 MB at B = 1024) and atomics would not be reproducible. (Accumulating a per-sample ``dM_b`` instead, and
+adding it into the program's partial slice at the end of each sample, saves two ``tl.dot`` per tile, but ptxas reports
+three times the register spills on sm_90.) Under softmax the last bias's gradient is exactly 0 (the softmax is shift
+invariant) and is returned as such.
 
 Dice training in the backward: ``dx`` of a Dice layer needs the batch sums ``sum g`` and ``sum g * u`` of its channels
 (see :mod:`din_kernels.torch_impl.dice`), and layer 1's ``g`` depends on layer 2's ``dx``. The same kernel therefore
@@ -97,9 +101,13 @@ _BWD_CONFIGS = ((16, 8), (16, 16), (32, 16))  # the backward keeps [H1, D] accum
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles longer than the (bucketed) sequence length, keeping at least the smallest."""
-    bucket = named_args["T_BUCKET"]
+    """Drop tiles longer than the (bucketed) sequence length; above 128 x 128 first-layer blocks keep only 8-warp
+    16-row tiles (ptxas cannot fit the backward's 256 x 256 products into the 128 registers a thread has at 16 warps).
+    Keeps at least the first config."""
+    bucket = named_args.get("T_BUCKET", kwargs.get("T_BUCKET", 16))
     kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, bucket)]
+    if kwargs.get("BLOCK_D", 0) * kwargs.get("BLOCK_H1", 0) > 128 * 128:
+        kept = [c for c in kept if c.num_warps <= 8 and c.kwargs["BLOCK_T"] == 16]
     return kept or configs[:1]
 
 
