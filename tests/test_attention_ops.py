@@ -16,7 +16,7 @@ def _fwd_args(case, layout, activation, normalization, training):
         k, lengths, offsets = case.jagged_keys().float(), None, case.offsets
     f = lambda xs: [x.float() for x in xs]  # noqa: E731
     return (q, k, lengths, offsets, f(case.weights), f(case.biases), f(case.act_weights), f(case.act_means),
-            f(case.act_vars), activation, normalization, 0.9, training, 1e-8)
+            f(case.act_vars), activation, normalization, 0.9, training, 1e-8, True)
 
 
 @pytest.mark.parametrize("layout", ["padded", "jagged"])
@@ -29,9 +29,11 @@ def test_opcheck_forward_and_backward(layout, activation, normalization, trainin
     for i in (0, 1, 4, 5, 6):  # query, keys, weights, biases, act_weights get gradients
         args[i] = [x.requires_grad_() for x in args[i]] if isinstance(args[i], list) else args[i].requires_grad_()
     torch.library.opcheck(target_attention_fwd_torch, tuple(args))
-    out, w, _ = target_attention_fwd_torch(*args)
-    bwd_args = (torch.randn_like(out), torch.randn_like(w), *[_detach(a) for a in args])
-    torch.library.opcheck(target_attention_bwd_torch, bwd_args)
+    out, w, _, z1 = target_attention_fwd_torch(*args)
+    inputs = [_detach(a) for a in args]
+    for saved in (z1.detach(), z1.new_empty(0)):  # the forward's z1, or none (recomputed)
+        bwd_args = (torch.randn_like(out), torch.randn_like(w), *inputs[:9], saved, *inputs[9:14])
+        torch.library.opcheck(target_attention_bwd_torch, bwd_args)
 
 
 def _detach(a):

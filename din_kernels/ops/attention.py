@@ -23,13 +23,14 @@ SUPPORTED = ("reference", "torch", "triton")
 
 
 def _fake_fwd(query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-              normalization, scale, training, eps):
+              normalization, scale, training, eps, save_z1):
     cd = compute_dtype(query, keys, *weights, *biases, *act_weights)
     widths = sum(w.shape[0] for w in weights[:-1]) if activation == "dice" and training else 0
     return (
         query.new_empty(query.shape),
         query.new_empty(keys.shape[:-1]),
         query.new_empty((3, widths), dtype=cd),
+        query.new_empty((*keys.shape[:-1], weights[0].shape[0]) if save_z1 else (0,), dtype=cd),
     )
 
 
@@ -49,12 +50,13 @@ def target_attention_fwd_torch(
     scale: float,
     training: bool,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(v_U, w, dice_stats)``: see :func:`din_kernels.torch_impl.attention.attention_fwd`."""
+    save_z1: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(v_U, w, dice_stats, z1)``: see :func:`din_kernels.torch_impl.attention.attention_fwd`."""
     with torch.no_grad():
         return _torch_attention.attention_fwd(
             query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-            normalization, scale, training, eps,
+            normalization, scale, training, eps, save_z1,
         )
 
 
@@ -74,6 +76,7 @@ def target_attention_bwd_torch(
     act_weights: list[Tensor],
     act_means: list[Tensor],
     act_vars: list[Tensor],
+    z1: Tensor,
     activation: str,
     normalization: str,
     scale: float,
@@ -82,13 +85,13 @@ def target_attention_bwd_torch(
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     dq, dk, dw, db, da = _torch_attention.attention_bwd(
         grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars,
-        activation, normalization, scale, training, eps,
+        activation, normalization, scale, training, eps, z1,
     )
     return dq, dk, dw, db, da
 
 
 @target_attention_bwd_torch.register_fake
-def _(grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars,
+def _(grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, z1,
       activation, normalization, scale, training, eps):
     return (
         torch.empty_like(query),
@@ -118,7 +121,7 @@ def _remember(ctx, inputs) -> list:
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*_remember(ctx, inputs))
+    ctx.save_for_backward(*_remember(ctx, inputs[:-1]), output[3])  # inputs[-1]: save_z1; output[3]: z1
 
 
 def _unpack(ctx, saved=None):
@@ -134,13 +137,15 @@ def _unpack(ctx, saved=None):
     return query, keys, lengths, offsets, *groups
 
 
-def _backward(ctx, grad_out, grad_scores, grad_stats):
-    query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars = _unpack(ctx)
+def _backward(ctx, grad_out, grad_scores, grad_stats, grad_z1):
+    *saved, z1 = ctx.saved_tensors
+    query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars = _unpack(ctx, saved)
     dq, dk, dw, db, da = target_attention_bwd_torch(
-        grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars,
+        grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, z1,
         *ctx.attrs,
     )
-    return dq, dk, None, None, dw, db, da, [None] * ctx.n_stats[0], [None] * ctx.n_stats[1], None, None, None, None, None
+    no_stats = [None] * ctx.n_stats[0], [None] * ctx.n_stats[1]
+    return dq, dk, None, None, dw, db, da, *no_stats, None, None, None, None, None, None
 
 
 target_attention_fwd_torch.register_autograd(_backward, setup_context=_setup_context)
@@ -351,9 +356,12 @@ def target_attention(
             normalization, scale, training, dice_eps,
         )
     else:
-        out, w, stats = target_attention_fwd_torch(
+        # keep the first layer's pre-activation only when a backward can follow
+        save_z1 = torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, *weights, *biases,
+                                                                              *act_weights))
+        out, w, stats, _ = target_attention_fwd_torch(
             query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-            normalization, scale, training, dice_eps,
+            normalization, scale, training, dice_eps, save_z1,
         )
     if dice_training:
         _update_running_stats(act_means, act_vars, stats, momentum)

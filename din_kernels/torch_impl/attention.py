@@ -5,8 +5,10 @@ Forward, per sample b: ``z1 = K_b @ M_b^T + c_b`` with ``M_b = (Wk - Wd) + Wp * 
 ``[B, T, 4D]`` concatenation is never built). The upper layers, the mask, the normalisation and the weighted sum
 follow in plain PyTorch.
 
-Backward keeps nothing of the forward's ``[B, T, H]`` activations: it recomputes them chunk by chunk and forms the
-gradients by hand. The first layer's gradients come from ``G = dL/dz1``:
+Backward keeps one tensor of the forward: the first layer's pre-activation ``z1`` [B, T, H1], the only activation
+that is not cheap to recompute (it costs the dominant matmul); everything above it (activations, the upper layers,
+the scores, the softmax) is recomputed chunk by chunk, and the gradients are formed by hand. Without grad the
+forward keeps nothing. The first layer's gradients come from ``G = dL/dz1``:
 
 - ``dK = G @ M_b`` and ``dM_b = G^T @ K_b`` (two batched matmuls),
 - ``d(Wk - Wd) = sum_b dM_b``, ``dWp = sum_b dM_b * q_b``, ``dq += sum_h dM_b[h] * Wp[h]``,
@@ -162,12 +164,15 @@ class _Setup:
         whole = activation == "dice" and training
         self.chunks = _chunks(self.B, self.T, max(self.D, self.W[0].shape[0]), self.K.device, whole)
 
-    def forward_chunk(self, b0, b1, normalization, scale, eps, stats, padding_zeroed=False):
+    def forward_chunk(self, b0, b1, normalization, scale, eps, stats, padding_zeroed=False, z1=None, z1_out=None):
+        """The forward of samples ``b0:b1``; ``z1`` [b, T, H1]: the first layer's saved pre-activation (skips the
+        first layer's matmul); ``z1_out``: where to write it."""
         K, mask = self.K[b0:b1], self.mask[b0:b1]
         if padding_zeroed:
             K = K.masked_fill(~mask[..., None], 0.0)
         M, c, Wq, Wd, Wp = _first_layer(self.q[b0:b1], self.W[0], self.b[0], self.D)
-        z1 = torch.baddbmm(c.unsqueeze(1), K, M.transpose(1, 2))  # [b, T, H1]
+        if z1 is None or padding_zeroed:
+            z1 = torch.baddbmm(c.unsqueeze(1), K, M.transpose(1, 2), out=z1_out)  # [b, T, H1]
         out, w, tape = _upper(
             z1, K, mask, self.W, self.b, self.acts, self.means, self.vars, self.activation, normalization, scale,
             self.training, eps, self.cd, stats,
@@ -190,32 +195,41 @@ def attention_fwd(
     scale: float,
     training: bool,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(v_U [B, D], w [B, T] or [N], dice_stats [3, sum(H)])`` (stats: mean, biased var, count)."""
+    save_z1: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(v_U [B, D], w [B, T] or [N], dice_stats [3, sum(H)], z1)`` (stats: mean, biased var, count).
+
+    With ``save_z1`` (a backward will follow), ``z1`` is the first layer's pre-activation, ``[B, T, H1]`` padded or
+    ``[N, H1]`` jagged, kept so that the backward need not repeat the dominant matmul; otherwise it is empty."""
     st = _Setup(query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
                 training)
     out = _alloc.empty(st.B, st.D, dtype=query.dtype, device=query.device)
     w_all = _alloc.empty(st.B, st.T, dtype=query.dtype, device=query.device)
+    H1 = st.W[0].shape[0]
+    z1_all = _alloc.empty(st.B, st.T, H1, dtype=st.cd, device=query.device) if save_z1 else None
     stats: list = []
     for b0, b1 in st.chunks:
-        o, w = st.forward_chunk(b0, b1, normalization, scale, eps, stats)[4:6]
+        z1_out = None if z1_all is None else z1_all[b0:b1]
+        o, w = st.forward_chunk(b0, b1, normalization, scale, eps, stats, z1_out=z1_out)[4:6]
         # NaN/Inf in the padding must not leak in through 0 * NaN
         if st.K.device.type == "cpu" and not bool(torch.isfinite(o).all()):
             stats.clear()
-            o, w = st.forward_chunk(b0, b1, normalization, scale, eps, stats, padding_zeroed=True)[4:6]
+            o, w = st.forward_chunk(b0, b1, normalization, scale, eps, stats, True, z1_out=z1_out)[4:6]
         out[b0:b1] = o
         w_all[b0:b1] = w
     if st.index is not None:
         w_all = padded_to_jagged(w_all, st.index)
+        z1_all = None if z1_all is None else padded_to_jagged(z1_all, st.index)
     widths = [w.shape[0] for w in weights[:-1]] if activation == "dice" and training else []
-    return out, w_all, _stats_tensor(stats, st.cd, query.device, widths)
+    z1_all = query.new_empty(0, dtype=st.cd) if z1_all is None else z1_all
+    return out, w_all, _stats_tensor(stats, st.cd, query.device, widths), z1_all
 
 
-def _chunk_backward(st, b0, b1, go, gs, normalization, scale, eps, dK, padding_zeroed=False):
+def _chunk_backward(st, b0, b1, go, gs, normalization, scale, eps, dK, z1=None, padding_zeroed=False):
     """Backward of samples ``b0:b1``: writes ``dK`` [b, T, D] (in the compute dtype) and returns ``(dq [b, D],
     this chunk's parameter gradients)``."""
     K, mask, M, (Wq, Wd, Wp), _, w, tape = st.forward_chunk(b0, b1, normalization, scale, eps, [],
-                                                              padding_zeroed)
+                                                              padding_zeroed, z1=z1)
     q = st.q[b0:b1]
     n_hidden = len(st.W) - 1
     part = {"W": [None] * (n_hidden + 1), "b": [None] * (n_hidden + 1), "acts": [None] * len(st.acts)}
@@ -281,10 +295,18 @@ def attention_bwd(
     scale: float,
     training: bool,
     eps: float,
+    z1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Gradients ``(d query, d keys, d weights, d biases, d act_weights)`` in the dtypes of their inputs."""
+    """Gradients ``(d query, d keys, d weights, d biases, d act_weights)`` in the dtypes of their inputs.
+
+    ``z1``: the forward's saved first-layer pre-activation (see :func:`attention_fwd`), or None/empty to recompute.
+    """
     st = _Setup(query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
                 training)
+    if z1 is not None and z1.numel() == 0:
+        z1 = None
+    if z1 is not None and st.index is not None:
+        z1 = jagged_to_padded(z1, offsets, st.T)[0]
     cd, D = st.cd, st.D
     H1 = st.W[0].shape[0]
     go = None if grad_out is None else grad_out.to(cd)
@@ -303,7 +325,7 @@ def attention_bwd(
     for b0, b1 in st.chunks:
         args = (None if go is None else go[b0:b1], None if gs is None else gs[b0:b1], normalization, scale, eps,
                 dK[b0:b1])
-        dq_c, part = _chunk_backward(st, b0, b1, *args)
+        dq_c, part = _chunk_backward(st, b0, b1, *args, z1=None if z1 is None else z1[b0:b1])
         finite = bool(torch.isfinite(dq_c).all()) and bool(torch.isfinite(part["A"]).all())
         if st.K.device.type == "cpu" and not finite:  # NaN/Inf in the padding: redo with it zeroed
             dq_c, part = _chunk_backward(st, b0, b1, *args, padding_zeroed=True)
