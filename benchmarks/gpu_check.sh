@@ -83,15 +83,15 @@ for op in ("attention", "dice", "mba"):
     print(op, "runs:", ok, "skipped:", skipped)
 EOF
 
-# 2. the GPU tests
-stage tests "$TESTS_S" "$PY" -m pytest -m gpu tests/ -q -x --no-header -p no:cacheprovider
+# 2. the GPU tests (the Triton kernels compiled for the GPU: tests/conftest.py defaults TRITON_INTERPRET to 1)
+stage tests "$TESTS_S" env TRITON_INTERPRET=0 "$PY" -m pytest -m gpu tests/ -q --no-header -p no:cacheprovider
 
 # 3. the GPU benchmarks (time left is shared: the stage gets what remains of 7.5 minutes, at most BENCH_S)
 ELAPSED=$(( $(date +%s) - START ))
 LEFT=$(( 450 - ELAPSED ))
 [ "$LEFT" -gt "$BENCH_S" ] && LEFT="$BENCH_S"
 [ "$LEFT" -lt 30 ] && LEFT=30
-stage bench "$LEFT" "$PY" benchmarks/run.py --device cuda --shapes gpu --dtypes float32,bfloat16 \
+stage bench "$LEFT" env TRITON_INTERPRET=0 "$PY" benchmarks/run.py --device cuda --shapes gpu --dtypes float32,bfloat16 \
   --providers reference,reference_compile,torch,triton,cuda,deepctr_torch --out "$OUT_DIR" --stem gpu --no-history \
   --time-budget "$(( LEFT > 90 ? LEFT - 45 : LEFT / 2 ))"
 

@@ -1,6 +1,6 @@
 """The ``make bench`` runner: every provider of every op side by side in one process, on the machine it runs on.
 
-    python benchmarks/run.py                 # the default CPU set (about 10 minutes on 2 cores)
+    python benchmarks/run.py                 # the default CPU set (about 7 minutes on 2 shared cores)
     python benchmarks/run.py --full          # adds the production sizes
     python benchmarks/run.py --device cuda   # the GPU set (benchmarks/gpu_check.sh)
     python benchmarks/run.py --ops attention --shapes quick --providers torch,deepctr_torch
