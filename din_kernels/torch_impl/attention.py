@@ -136,8 +136,8 @@ def _stats_tensor(stats, cd, device, widths) -> torch.Tensor:
     return torch.stack([torch.cat([s[j].expand_as(s[0]) for s in stats]) for j in range(3)])
 
 
-# elements of a chunk's largest temporary ([b, T, max(D, H1)]): about 1 MB in float32
-_CHUNK_ELEMENTS = 1 << 18
+# elements of a chunk's largest temporary ([b, T, max(D, H1)]): about 4 MB in float32
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunks(B, T, width, device, whole):
