@@ -36,10 +36,8 @@ MLP_ACTIVATIONS = ("prelu", "dice")
 def _table(vocab: int, dim: int, counts: Tensor | None, lam: float, backend: str) -> MBAEmbedding:
     """An MBAEmbedding on ``backend`` when the embedding implements it (e.g. ``torch``, ``triton``), else on
     ``auto`` (e.g. for ``reference``, which names the attention and Dice oracles)."""
-    supported = getattr(_embedding, "SUPPORTED", None)
-    if supported is None:  # an MBAEmbedding without backends
-        return MBAEmbedding(vocab, dim, counts, lam, padding_idx=0)
-    return MBAEmbedding(vocab, dim, counts, lam, padding_idx=0, backend=backend if backend in supported else "auto")
+    table_backend = backend if backend in _embedding.SUPPORTED else "auto"
+    return MBAEmbedding(vocab, dim, counts, lam, padding_idx=0, backend=table_backend)
 
 
 @dataclass(frozen=True)
