@@ -82,9 +82,9 @@ def _activate(z, activation, params, eps):
 def _activate_bwd(dh, z, h, activation, params, mask, training, eps, count):
     """``(dz, d act_weight or None)`` for one hidden layer."""
     if activation == "sigmoid":
-        return dh * h * (1 - h), None
+        return torch.ops.aten.sigmoid_backward(dh, h), None  # dh * h * (1 - h), one fused pass
     if activation == "relu":
-        return torch.where(z > 0, dh, 0.0), None
+        return torch.ops.aten.threshold_backward(dh, h, 0), None
     dims = (0, 1)
     if activation == "prelu":
         a = params[0]
@@ -96,7 +96,7 @@ def _activate_bwd(dh, z, h, activation, params, mask, training, eps, count):
 
 
 def _upper(z1, K, mask, weights, biases, act_weights, act_means, act_vars, activation, normalization, scale,
-           training, eps, cd, stats):
+           training, eps, cd, stats, with_out=True):
     """Everything after the first Linear: activations, layers 2..n, the score, the mask/softmax, the sum.
 
     Returns ``(out [B, D], w [B, T], tape)`` where ``tape`` holds each hidden layer's ``(z, h, act params)``.
@@ -117,7 +117,7 @@ def _upper(z1, K, mask, weights, biases, act_weights, act_means, act_vars, activ
         e = torch.where(mask, torch.exp(logits - torch.where(torch.isfinite(m), m, 0.0)), 0.0)
         denom = e.sum(-1, keepdim=True)
         w = e / torch.where(denom > 0, denom, 1.0)
-    out = torch.bmm(w.unsqueeze(1), K).squeeze(1)  # [B, D]
+    out = torch.bmm(w.unsqueeze(1), K).squeeze(1) if with_out else None  # [B, D]
     return out, w, tape
 
 
@@ -164,9 +164,11 @@ class _Setup:
         whole = activation == "dice" and training
         self.chunks = _chunks(self.B, self.T, max(self.D, self.W[0].shape[0]), self.K.device, whole)
 
-    def forward_chunk(self, b0, b1, normalization, scale, eps, stats, padding_zeroed=False, z1=None, z1_out=None):
+    def forward_chunk(self, b0, b1, normalization, scale, eps, stats, padding_zeroed=False, z1=None, z1_out=None,
+                      with_out=True):
         """The forward of samples ``b0:b1``; ``z1`` [b, T, H1]: the first layer's saved pre-activation (skips the
-        first layer's matmul); ``z1_out``: where to write it."""
+        first layer's matmul); ``z1_out``: where to write it; ``with_out``: form ``v_U`` (the backward needs only
+        the weights)."""
         K, mask = self.K[b0:b1], self.mask[b0:b1]
         if padding_zeroed:
             K = K.masked_fill(~mask[..., None], 0.0)
@@ -175,7 +177,7 @@ class _Setup:
             z1 = torch.baddbmm(c.unsqueeze(1), K, M.transpose(1, 2), out=z1_out)  # [b, T, H1]
         out, w, tape = _upper(
             z1, K, mask, self.W, self.b, self.acts, self.means, self.vars, self.activation, normalization, scale,
-            self.training, eps, self.cd, stats,
+            self.training, eps, self.cd, stats, with_out,
         )
         return K, mask, M, (Wq, Wd, Wp), out, w, tape
 
@@ -229,7 +231,7 @@ def _chunk_backward(st, b0, b1, go, gs, normalization, scale, eps, dK, z1=None, 
     """Backward of samples ``b0:b1``: writes ``dK`` [b, T, D] (in the compute dtype) and returns ``(dq [b, D],
     this chunk's parameter gradients)``."""
     K, mask, M, (Wq, Wd, Wp), _, w, tape = st.forward_chunk(b0, b1, normalization, scale, eps, [],
-                                                              padding_zeroed, z1=z1)
+                                                              padding_zeroed, z1=z1, with_out=False)
     q = st.q[b0:b1]
     n_hidden = len(st.W) - 1
     part = {"W": [None] * (n_hidden + 1), "b": [None] * (n_hidden + 1), "acts": [None] * len(st.acts)}
