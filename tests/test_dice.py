@@ -393,13 +393,3 @@ def test_gpu_torch_compile_fullgraph():
     assert_close(y, ref(x, mask), torch.float32, "compiled y")
 
 
-
-@pytest.mark.parametrize("shape", [(37, 5), (3, 11, 6)], ids=["NC", "BTC"])
-@pytest.mark.parametrize("mask", ["none", "sparse"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_row_chunks_match_reference(monkeypatch, shape, mask, dtype, poison):
-    """The torch path's CPU passes over chunks of rows (several chunks here, with a ragged last one)."""
-    import din_kernels.torch_impl.dice as impl
-
-    monkeypatch.setattr(impl, "_CHUNK_ELEMENTS", 16)
-    compare(make_case(shape, mask=mask, affine=True, seed=5), "torch", dtype)

@@ -9,7 +9,7 @@ from .. import backend as _backend
 from .._validate import check_device, check_float
 from ..reference.attention import compute_dtype
 from ..reference.dice import dice_ref
-from ..torch_impl.dice import dice_backward, dice_forward, masked_moments
+from ..torch_impl.dice import dice_act, dice_bwd, masked_moments
 from ..triton._launch import kernel_op
 
 SUPPORTED = ("reference", "torch", "triton")
@@ -34,13 +34,14 @@ def dice_fwd_torch(
     """``(y [..., C], stats [3, C])``: stats are (mean, biased var, count) of the batch in training, else the
     running statistics and count 0."""
     cd = compute_dtype(x, alpha)
+    xc = x.to(cd)
     if training:
-        mean, var, count = masked_moments(x.to(cd), mask)
+        mean, var, count = masked_moments(xc, mask)
     else:
-        mean, var, count = running_mean.to(cd), running_var.to(cd), x.new_zeros((), dtype=cd)
+        mean, var, count = running_mean.to(cd), running_var.to(cd), xc.new_zeros(())
     cast = [None if t is None else t.to(cd) for t in (weight, bias)]
-    y = dice_forward(x, alpha.to(cd), mean, var, *cast, eps)
-    return y, torch.stack([mean, var, count.expand_as(mean)])
+    y = dice_act(xc, alpha.to(cd), mean, var, *cast, eps)[0]
+    return y.to(x.dtype), torch.stack([mean, var, count.expand_as(mean)])
 
 
 @dice_fwd_torch.register_fake
@@ -63,10 +64,10 @@ def dice_bwd_torch(
     """``(dx, d alpha, d weight, d bias)``; the last two are empty when ``weight``/``bias`` are None."""
     cd = stats.dtype
     cast = [None if t is None else t.to(cd) for t in (weight, bias)]
-    dx, da, dw, db = dice_backward(dy, x, alpha.to(cd), stats[0], stats[1], *cast, mask, training, eps,
-                                   stats[2, 0] if stats.shape[1] else None)
+    dx, da, dw, db = dice_bwd(dy.to(cd), x.to(cd), alpha.to(cd), stats[0], stats[1], *cast, mask, training, eps,
+                              stats[2, 0] if stats.shape[1] else None)
     return (
-        dx,
+        dx.to(x.dtype),
         da.to(alpha.dtype),
         x.new_empty(0) if weight is None else dw.to(weight.dtype),
         x.new_empty(0) if bias is None else db.to(bias.dtype),

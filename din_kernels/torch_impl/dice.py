@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _alloc
-
 
 def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(x.dim() - 1))
@@ -74,69 +72,3 @@ def dice_bwd(dy, x, alpha, mean, var, weight, bias, mask, training, eps, count=N
     dweight = None if weight is None else (gp * u).sum(dims)
     dbias = None if bias is None else gp.sum(dims)
     return dx, dalpha, dweight, dbias
-
-
-# rows of x [N, C] per step of the chunked CPU passes below: a few hundred KB of temporaries, cache-resident
-_CHUNK_ELEMENTS = 1 << 16
-
-
-def _row_chunks(x2d: torch.Tensor):
-    if x2d.device.type != "cpu":
-        return [(0, x2d.shape[0])]
-    step = max(1, _CHUNK_ELEMENTS // max(1, x2d.shape[1]))
-    return [(i, min(x2d.shape[0], i + step)) for i in range(0, x2d.shape[0], step)]
-
-
-def dice_forward(x, alpha, mean, var, weight, bias, eps):
-    """``y`` [..., C] in ``x``'s dtype: :func:`dice_act` in ``mean``'s (compute) dtype over chunks of rows (on the
-    CPU, large temporaries would cost page faults at every elementwise step)."""
-    cd = mean.dtype
-    x2d = x.reshape(-1, x.shape[-1])
-    y = _alloc.empty(x2d.shape, dtype=x.dtype, device=x.device)
-    for i, j in _row_chunks(x2d):
-        y[i:j] = dice_act(x2d[i:j].to(cd), alpha, mean, var, weight, bias, eps)[0]
-    return y.reshape(x.shape)
-
-
-def dice_backward(dy, x, alpha, mean, var, weight, bias, mask, training, eps, count=None):
-    """:func:`dice_bwd` over chunks of rows: a first pass for the per-channel sums, a second for ``dx``; computed
-    in ``mean``'s dtype.
-
-    Returns ``(dx [..., C] in x's dtype, d alpha, d weight or None, d bias or None)``.
-    """
-    C, cd = x.shape[-1], mean.dtype
-    x2d, dy2d = x.reshape(-1, C), dy.reshape(-1, C)
-    if training and count is None:
-        count = mean.new_tensor(x2d.shape[0]) if mask is None else mask.sum().to(cd)
-    m2d = None if mask is None else mask.reshape(-1)
-    chunks = _row_chunks(x2d)
-    zeros = mean.new_zeros(C)
-    sums = {"g": zeros, "gu": zeros, "alpha": zeros, "weight": zeros, "bias": zeros}
-    for i, j in chunks:  # pass 1: the per-channel sums
-        xc, dyc = x2d[i:j].to(cd), dy2d[i:j].to(cd)
-        _, p, u, _ = dice_act(xc, alpha, mean, var, weight, bias, eps)
-        gp = dyc * xc * (1 - alpha) * p * (1 - p)
-        g = gp if weight is None else gp * weight
-        sums["g"] = sums["g"] + g.sum(0)
-        sums["gu"] = sums["gu"] + (g * u).sum(0)
-        sums["alpha"] = sums["alpha"] + (dyc * xc * (1 - p)).sum(0)
-        if weight is not None:
-            sums["weight"] = sums["weight"] + (gp * u).sum(0)
-        if bias is not None:
-            sums["bias"] = sums["bias"] + gp.sum(0)
-    r = torch.rsqrt(var + eps)
-    coef = -r / count.clamp_min(1) if training else None
-    dx = _alloc.empty(x2d.shape, dtype=x.dtype, device=x.device)
-    for i, j in chunks:  # pass 2: dx
-        xc, dyc = x2d[i:j].to(cd), dy2d[i:j].to(cd)
-        _, p, u, _ = dice_act(xc, alpha, mean, var, weight, bias, eps)
-        gp = dyc * xc * (1 - alpha) * p * (1 - p)
-        g = gp if weight is None else gp * weight
-        dxc = dyc * (alpha + (1 - alpha) * p) + r * g
-        if training:
-            corr = coef * (sums["g"] + u * sums["gu"])
-            dxc = dxc + (corr if m2d is None else corr * m2d[i:j].unsqueeze(-1).to(corr.dtype))
-        dx[i:j] = dxc
-    dalpha = sums["alpha"].sum().reshape(alpha.shape) if alpha.numel() == 1 else sums["alpha"]
-    return (dx.reshape(x.shape), dalpha, None if weight is None else sums["weight"],
-            None if bias is None else sums["bias"])
