@@ -139,9 +139,10 @@ def test_hypothesis_shapes(B, T, D, H1, activation, normalization, layout, seed)
                          normalization=normalization, training=True)
 
 
-def test_module_matches_functional_and_updates_dice_running_stats():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_module_matches_reference_and_updates_dice_running_stats(backend):
     torch.manual_seed(0)
-    m = dk.TargetAttention(6, hidden=(8, 4), activation="dice", normalization="softmax", backend="torch")
+    m = dk.TargetAttention(6, hidden=(8, 4), activation="dice", normalization="softmax", backend=backend)
     ref = dk.TargetAttention(6, hidden=(8, 4), activation="dice", normalization="softmax", backend="reference")
     ref.load_state_dict(m.state_dict())
     q, k, lengths = torch.randn(4, 6), torch.randn(4, 5, 6), torch.tensor([5, 0, 2, 3])
@@ -154,8 +155,9 @@ def test_module_matches_functional_and_updates_dice_running_stats():
         torch.testing.assert_close(a.running_var, b.running_var)
         assert not torch.equal(a.running_mean, torch.zeros_like(a.running_mean))
     m.eval()
+    ref.eval()
     before = [a.running_mean.clone() for a in m.activations]
-    m(q, k, lengths)
+    torch.testing.assert_close(m(q, k, lengths), ref(q, k, lengths))
     assert all(torch.equal(x, a.running_mean) for x, a in zip(before, m.activations))
 
 

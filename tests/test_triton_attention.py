@@ -200,24 +200,6 @@ def test_backward_is_deterministic():
         assert torch.equal(runs[0][2][name], runs[1][2][name]), name
 
 
-def test_module_dice_training_updates_running_stats_like_torch():
-    torch.manual_seed(0)
-    m = dk.TargetAttention(6, hidden=(8, 4), activation="dice", normalization="softmax", backend="triton")
-    ref = dk.TargetAttention(6, hidden=(8, 4), activation="dice", normalization="softmax", backend="torch")
-    ref.load_state_dict(m.state_dict())
-    q, k, lengths = torch.randn(4, 6), torch.randn(4, 5, 6), torch.tensor([5, 0, 2, 3])
-    out, w = m(q, k, lengths, return_scores=True)
-    ref_out, ref_w = ref(q, k, lengths, return_scores=True)
-    torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(w, ref_w)
-    for a, b in zip(m.activations, ref.activations):
-        torch.testing.assert_close(a.running_mean, b.running_mean)
-        torch.testing.assert_close(a.running_var, b.running_var)
-    m.eval()
-    ref.eval()
-    torch.testing.assert_close(m(q, k, lengths), ref(q, k, lengths))
-
-
 def _op_args(case, layout, activation, normalization, training):
     q = case.query.float().requires_grad_()
     if layout == "padded":
