@@ -102,8 +102,22 @@ def run_attention(case: AttentionCase, backend, dtype, layout="padded", activati
     return out, w_p, grads, (means, variances)
 
 
+# The Triton kernels multiply float32 operands as three bfloat16 tensor-core products (hi*hi + hi*lo + lo*hi, about
+# 17 significant bits a product; see din_kernels/triton/attention.py): their float32 results are held to 5x the
+# float32 tolerance (observed: up to 1.9x).
+TRITON_FLOAT32_FACTOR = 5.0
+
+
+def backend_factor(backend: str, dtype, device: str = "cpu") -> float:
+    """The tolerance factor of ``backend`` in ``dtype`` (``auto`` is Triton on a CUDA device)."""
+    triton = backend == "triton" or (backend == "auto" and str(device).startswith("cuda"))
+    return TRITON_FLOAT32_FACTOR if triton and dtype == torch.float32 else 1.0
+
+
 def compare_to_reference(case, backend, dtype, factor=1.0, **kw):
-    """Runs ``backend`` in ``dtype`` and the reference in float64 on the same rounded values; asserts closeness."""
+    """Runs ``backend`` in ``dtype`` and the reference in float64 on the same rounded values; asserts closeness
+    (at ``factor`` times the tolerance of ``dtype``, and :func:`backend_factor`)."""
+    factor = factor * backend_factor(backend, dtype, kw.get("device", "cpu"))
     rounded = AttentionCase(**{k: _round(v, dtype) for k, v in case.__dict__.items()})
     out, w, grads, stats = run_attention(rounded, backend, dtype, **kw)
     kw_ref = dict(kw, device="cpu")

@@ -314,9 +314,10 @@ def target_attention(
             updated in place (like ``F.batch_norm``) when ``training`` is True.
         normalization: ``none`` (the paper) or ``softmax`` (of ``softmax_scale * s``, default scale 1).
         return_scores: also return the weights ``w`` (``[B, T]`` padded, ``[N]`` jagged).
-        backend: see :mod:`din_kernels.backend`. ``triton`` covers 1 or 2 hidden layers, D and widths up to 256,
-            float32/bfloat16/float16 inputs, and raises ``ValueError``/``TypeError`` beyond that (``auto`` then picks
-            ``torch``).
+        backend: see :mod:`din_kernels.backend`. ``triton`` covers 1 or 2 hidden layers, D and widths up to 256
+            whose blocks fit the GPU's shared memory (on an H200, hidden (80, 40): D up to 128 in float32, 256 in
+            bfloat16/float16), float32/bfloat16/float16 inputs, and raises ``ValueError``/``TypeError`` beyond that
+            (``auto`` then picks ``torch``).
     Returns:
         ``v_U`` ``[B, D]``, or ``(v_U, w)`` when ``return_scores``.
     """

@@ -59,14 +59,28 @@ work per behaviour is left out; weights, read once per program, stay in L2):
   ``Nv (2 D H1)`` FLOPs for layer 1's (``+ 2 H1 H2`` for the second layer's, ``+ 4 H1 H2`` for the backward's).
 
 For B = 1024, T = 200 (all valid), D = 128, H = (80, 40), bf16: forward 5.6 GFLOP and 54 MB, backward 25 GFLOP and
-133 MB (P = 132): at an H200's ~4.8 TB/s and ~400 dense TF32 TFLOP/s that is 11 us of memory against 14 us of
-arithmetic forward, 28 us against 63 us backward (padding H1 = 80 to a 128 block costs another 1.6x on the first layer).
-ptxas (sm_90) reports register spills in the backward at these sizes (its [H1, D] accumulators live in registers).
+133 MB (P = 132): at an H200's ~4.8 TB/s and ~990 dense bf16 TFLOP/s that is 11 us of memory against 6 us of
+arithmetic forward, 28 us against 25 us backward (padding H1 = 80 to a 128 block costs another 1.6x on the first
+layer). float32 inputs cost three products per ``tl.dot`` (and with ``SPLIT_DQ`` a second recompute in the backward).
+
+Precision and shared memory. Every ``tl.dot`` multiplies 16-bit operands on the tensor cores with float32
+accumulation: bfloat16 operands for bfloat16 inputs and float16 ones for float16 inputs (``PREC`` "bf16" / "fp16"),
+and for float32 inputs three bfloat16 products of the operands split as ``x = hi + lo`` (``PREC`` "bf16x3",
+``hi*hi + hi*lo + lo*hi``, about 17 significant bits a product; the results meet 5x the float32 tolerance of the
+tests). The loop-invariant operands (``M_b^T``, ``M_b``, ``Wp``, ``W2``, ``W2^T``) stay in shared memory for the whole
+key loop, each read from global memory in the orientation its product needs (a transpose on chip would cost a
+staging buffer); 16-bit operands halve what float32/TF32 ones took, which did not fit an H200's 227 KB per block in
+the backward at D = 128. The model ``_smem_estimate`` (fitted to ``benchmarks/compile_check.py`` on sm_90) prunes the
+autotune configs, splits ``dq`` off the backward into its own launch when one launch would not fit (``SPLIT_DQ``:
+float32 at D = 128, bfloat16 at D = 256), and makes ``check_supported`` refuse, naming the sizes, what no launch
+fits (e.g. float32 at D = 256, or 256-wide hidden layers). Loads are not software-pipelined (``num_stages=1``: the
+key tiles are small next to the operands). ``python benchmarks/compile_check.py`` reports, per compiled kernel,
+registers, spills and shared memory; the backward at D = 128 spills about 1 KB a thread (its ``[H1, D]``
+accumulators live in registers).
 
 Hidden layers: one or two (the launcher raises ``ValueError`` for more: use the ``torch`` backend); ``D`` and every
-width up to 256 (blocks are padded to powers of two >= 16 and masked). Computation is in float32; the outputs are
-stored in the input dtypes. On a GPU the ``tl.dot`` products run on the tensor cores: TF32 for bfloat16 inputs (whose
-tolerance it meets with room to spare), three-pass TF32 (``tf32x3``, float32 accuracy) for float32 and float16 inputs.
+width up to 256 (blocks are padded to powers of two >= 16 and masked) within the shared memory of the GPU (above).
+Computation is in float32; the outputs are stored in the input dtypes.
 """
 
 from __future__ import annotations
@@ -88,30 +102,78 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _configs(gpu: tuple[tuple[int, int], ...]) -> list[triton.Config]:
-    """``(BLOCK_T, num_warps)`` pairs on a GPU (chosen by ptxas' register and spill report for D = 128,
-    H = (80, 40) on sm_90; each backward config takes seconds to compile, so the list is short); one config under
-    the interpreter, which cannot benchmark several."""
+    """``(BLOCK_T, num_warps)`` pairs on a GPU, without software pipelining (chosen by ptxas' register and spill
+    report for D = 128, H = (80, 40) on sm_90; each backward config takes seconds to compile, so the list is short);
+    one config under the interpreter, which cannot benchmark several."""
     if triton_interpret():
         return [triton.Config({"BLOCK_T": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in gpu]
+    return [triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=1) for bt, w in gpu]
 
 
 _FWD_CONFIGS = ((16, 4), (16, 8), (32, 8))  # spill-free forward tiles
 _BWD_CONFIGS = ((16, 8), (16, 16), (32, 16))  # the backward keeps [H1, D] accumulators in registers: wide CTAs
 
 
+# Shared memory. On a GPU the loop-invariant ``tl.dot`` operands (``M_b^T`` [BD, BH1], ``M_b``, ``Wp``, ``W2``,
+# ``W2^T`` as needed by the kernel) live in shared memory for the whole key loop, as 16-bit values (twice, high and
+# low parts, with ``PREC == "bf16x3"``), next to the per-tile operands. ``_smem_estimate`` is the model of what Triton
+# allocates, fitted to the reports of ``benchmarks/compile_check.py`` for sm_90 (never below them, at most about a
+# third above; tests/test_compile_sm90.py holds it to that). It decides the configs that are tried (``_prune``),
+# whether the backward computes ``dq`` in a second launch (``SPLIT_DQ``: one operand fewer each), and which sizes
+# the backend supports (``check_supported``).
+SM90_SMEM_PER_BLOCK = 232448  # bytes of shared memory one block may use on H100/H200 (sm_90)
+
+
+def _smem_estimate(kind: str, prec: str, layers: int, BD: int, BH1: int, BH2: int, BT: int, mode: int = 0,
+                   split_dq: bool = False, layer: int = 1) -> int:
+    """Bytes of shared memory of one program of ``kind`` ("fwd", "stats" or "bwd" with its ``mode``)."""
+    dh = BD * BH1
+    hh = BH1 * BH2 if layers == 2 else 0
+    if kind == "fwd":
+        inv = dh + hh
+    elif kind == "stats":
+        inv = dh + (hh if layer == 2 else 0)
+    elif mode == 0:
+        inv = 2 * dh + 2 * hh + (0 if split_dq else dh)
+    elif mode == 3:
+        inv = 2 * dh + 2 * hh
+    elif mode == 1:
+        inv = dh + hh
+    else:
+        inv = dh + 2 * hh
+    tiles = BT * (BD + BH1 + (0 if kind == "stats" and layer == 1 else BH2)) * (1.25 if kind == "bwd" else 1.0)
+    parts = 2 if prec == "bf16x3" else 1
+    return int(parts * 2 * (inv + tiles)) + 4096
+
+
+def _smem_limit(device: torch.device | None = None) -> int:
+    """Shared memory per block of ``device`` (the current CUDA device when None); the sm_90 value without CUDA (the
+    target of ``benchmarks/compile_check.py``)."""
+    if device is not None and device.type != "cuda" or not torch.cuda.is_available():
+        return SM90_SMEM_PER_BLOCK
+    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", SM90_SMEM_PER_BLOCK))
+
+
+def _config_smem(c, kwargs) -> int:
+    kind = "bwd" if "MODE" in kwargs else "stats" if "LAYER" in kwargs else "fwd"
+    return _smem_estimate(kind, kwargs["PREC"], kwargs.get("NUM_LAYERS", 2), kwargs["BLOCK_D"], kwargs["BLOCK_H1"],
+                          kwargs["BLOCK_H2"], c.kwargs["BLOCK_T"], kwargs.get("MODE", 0),
+                          kwargs.get("SPLIT_DQ", False), kwargs.get("LAYER", 1))
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles longer than the (bucketed) sequence length; above 128 x 128 first-layer blocks keep only 8-warp
-    16-row tiles (ptxas cannot fit the backward's 256 x 256 products into the 128 registers a thread has at 16 warps).
-    Keeps at least the first config."""
+    """Drop tiles longer than the (bucketed) sequence length and configs whose shared memory (estimated) exceeds
+    the device's. Keeps at least the first config (16-row tiles: ``check_supported`` ensures that it fits)."""
     bucket = named_args.get("T_BUCKET", kwargs.get("T_BUCKET", 16))
-    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, bucket)]
-    if kwargs.get("BLOCK_D", 0) * kwargs.get("BLOCK_H1", 0) > 128 * 128:
-        kept = [c for c in kept if c.num_warps <= 8 and c.kwargs["BLOCK_T"] == 16]
+    limit = _smem_limit()
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, bucket) and _config_smem(c, kwargs) <= limit]
     return kept or configs[:1]
 
 
-_KEY = ["T_BUCKET", "BLOCK_D", "BLOCK_H1", "BLOCK_H2"]
+# autotune keys (besides the dtypes of the tensor arguments): the shapes and every constexpr that changes what a
+# kernel holds on chip
+_KEY = ["T_BUCKET", "BLOCK_D", "BLOCK_H1", "BLOCK_H2", "NUM_LAYERS", "LAYER", "MODE", "SPLIT_DQ", "ACT", "SOFTMAX"]
 
 
 # ----------------------------------------------------------------------------------------------------- jit helpers
@@ -187,6 +249,59 @@ def _act_bwd(dh, z, a, mu, r, sg, sgu, inv_n, valid, ACT: tl.constexpr, DICE_TRA
 
 
 @triton.jit
+def _mm16(a, b, INTERP: tl.constexpr):
+    """``a @ b`` of 16-bit operands with float32 accumulation (the interpreter multiplies their float32 values:
+    its own 16-bit products are not exact)."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, out_dtype=tl.float32)
+
+
+@triton.jit
+def _hi(x, PREC: tl.constexpr):
+    """The 16-bit operand of float32 ``x``: float16 for ``PREC == "fp16"``, else bfloat16."""
+    if PREC == "fp16":
+        return x.to(tl.float16)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _lo(x, x_hi, PREC: tl.constexpr):
+    """The bfloat16 remainder ``x - x_hi`` (``PREC == "bf16x3"``), else ``x_hi`` itself (never used)."""
+    if PREC == "bf16x3":
+        return (x - x_hi.to(tl.float32)).to(tl.bfloat16)
+    else:
+        return x_hi
+
+
+@triton.jit
+def _mm(a_hi, a_lo, b_hi, b_lo, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """``a @ b`` in float32 from split operands: one 16-bit product, or with ``PREC == "bf16x3"`` three bfloat16
+    products ``a_hi b_hi + (a_hi b_lo + a_lo b_hi)`` (about 16 significant bits: float32-grade results)."""
+    if PREC == "bf16x3":
+        return _mm16(a_hi, b_hi, INTERP) + (_mm16(a_hi, b_lo, INTERP) + _mm16(a_lo, b_hi, INTERP))
+    else:
+        return _mm16(a_hi, b_hi, INTERP)
+
+
+@triton.jit
+def _mmf(a, b, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """``a @ b`` of float32 tile operands (split here)."""
+    a_hi = _hi(a, PREC)
+    b_hi = _hi(b, PREC)
+    return _mm(a_hi, _lo(a, a_hi, PREC), b_hi, _lo(b, b_hi, PREC), PREC, INTERP)
+
+
+@triton.jit
+def _mmf_b(a, b_hi, b_lo, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """``a @ b`` of a float32 tile ``a`` (split here) and a split loop-invariant ``b``."""
+    a_hi = _hi(a, PREC)
+    return _mm(a_hi, _lo(a, a_hi, PREC), b_hi, b_lo, PREC, INTERP)
+
+
+@triton.jit
 def _load_vec(ptr, idx, n):
     return tl.load(ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
 
@@ -196,6 +311,13 @@ def _load_mat(ptr, rows, cols, n_rows, n_cols):
     """``[len(rows), len(cols)]`` of a contiguous ``[n_rows, n_cols]`` fp32 matrix, zero outside."""
     msk = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=msk, other=0.0)
+
+
+@triton.jit
+def _load_mat_t(ptr, rows, cols, n_rows, n_cols):
+    """The transpose ``[len(cols), len(rows)]`` of :func:`_load_mat`, read directly in that orientation."""
+    msk = (rows[None, :] < n_rows) & (cols[:, None] < n_cols)
+    return tl.load(ptr + rows[None, :] * n_cols + cols[:, None], mask=msk, other=0.0)
 
 
 @triton.jit
@@ -209,13 +331,14 @@ def _load_acts(act_ptr, HT, col0, idx, n):
 
 
 @triton.jit
-def _tile_fwd(K, M, c, W2, b2, a1, mu1, r1, a2, mu2, r2, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr,
-              PREC: tl.constexpr):
-    """The hidden layers on a tile ``K`` [BT, BD]: ``(z1, h1, z2, h2)`` (``z2, h2 = z1, h1`` with one layer)."""
-    z1 = tl.dot(K, tl.trans(M), input_precision=PREC) + c[None, :]
+def _tile_fwd(K, Mt_hi, Mt_lo, c, W2t_hi, W2t_lo, b2, a1, mu1, r1, a2, mu2, r2, NUM_LAYERS: tl.constexpr,
+              ACT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """The hidden layers on a tile ``K`` [BT, BD], with ``M^T`` [BD, BH1] and ``W2^T`` [BH1, BH2] as split operands
+    (see :func:`_mm`): ``(z1, h1, z2, h2)`` (``z2, h2 = z1, h1`` with one layer)."""
+    z1 = _mmf_b(K, Mt_hi, Mt_lo, PREC, INTERP) + c[None, :]
     h1 = _act_fwd(z1, a1, mu1, r1, ACT)
     if NUM_LAYERS == 2:
-        z2 = tl.dot(h1, tl.trans(W2), input_precision=PREC) + b2[None, :]
+        z2 = _mmf_b(h1, W2t_hi, W2t_lo, PREC, INTERP) + b2[None, :]
         h2 = _act_fwd(z2, a2, mu2, r2, ACT)
     else:
         z2 = z1
@@ -238,7 +361,7 @@ def _target_attention_stats_kernel(
     q_ptr, k_ptr, len_ptr, off_ptr, c_ptr, a_ptr, wp_ptr, w2_ptr, b2_ptr, act_ptr,
     cnt_ptr, mean_ptr, m2_ptr,
     T, N, D, H1, H2, HT, T_BUCKET,
-    JAGGED: tl.constexpr, LAYER: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+    JAGGED: tl.constexpr, LAYER: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
     BLOCK_HS: tl.constexpr,
 ):
@@ -250,11 +373,15 @@ def _target_attention_stats_kernel(
     j1 = tl.arange(0, BLOCK_H1)
     j2 = tl.arange(0, BLOCK_H2)
     q = _load_vec(q_ptr + b * D, d, D)
-    M = _load_mat(a_ptr, j1, d, H1, D) + _load_mat(wp_ptr, j1, d, H1, D) * q[None, :]
+    Mt = _load_mat_t(a_ptr, j1, d, H1, D) + _load_mat_t(wp_ptr, j1, d, H1, D) * q[:, None]
+    Mt_hi = _hi(Mt, PREC)
+    Mt_lo = _lo(Mt, Mt_hi, PREC)
     c = _load_vec(c_ptr + b * H1, j1, H1)
     a1, mu1, r1 = _load_acts(act_ptr, HT, 0, j1, H1)
     if LAYER == 2:
-        W2 = _load_mat(w2_ptr, j2, j1, H2, H1)
+        W2t = _load_mat_t(w2_ptr, j2, j1, H2, H1)
+        W2t_hi = _hi(W2t, PREC)
+        W2t_lo = _lo(W2t, W2t_hi, PREC)
         b2 = _load_vec(b2_ptr, j2, H2)
     zero_t = tl.zeros([BLOCK_T], dtype=tl.float32)
     n = tl.sum(zero_t, 0)
@@ -264,10 +391,10 @@ def _target_attention_stats_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         valid = t < L
         K = _load_keys(k_ptr, start + t, valid, d, D)
-        z = tl.dot(K, tl.trans(M), input_precision=PREC) + c[None, :]
+        z = _mmf_b(K, Mt_hi, Mt_lo, PREC, INTERP) + c[None, :]
         if LAYER == 2:
             h1 = _act_fwd(z, a1, mu1, r1, ACT)
-            z = tl.dot(h1, tl.trans(W2), input_precision=PREC) + b2[None, :]
+            z = _mmf_b(h1, W2t_hi, W2t_lo, PREC, INTERP) + b2[None, :]
         nt = tl.sum(valid.to(tl.float32), 0)
         tmean = tl.sum(tl.where(valid[:, None], z, 0.0), 0) / nt
         dev = tl.where(valid[:, None], z - tmean[None, :], 0.0)
@@ -294,7 +421,7 @@ def _target_attention_fwd_kernel(
     out_ptr, w_ptr, w32_ptr, out32_ptr,
     scale, T, N, D, H1, H2, HL, HT, T_BUCKET,
     JAGGED: tl.constexpr, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+    INTERP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
     BLOCK_HL: tl.constexpr,
 ):
     """One sample per program: ``out[b]`` [D] and the weights ``w`` of its rows; with softmax also their float32
@@ -307,14 +434,18 @@ def _target_attention_fwd_kernel(
     j2 = tl.arange(0, BLOCK_H2)
     jl = tl.arange(0, BLOCK_HL)
     q = _load_vec(q_ptr + b * D, d, D)
-    M = _load_mat(a_ptr, j1, d, H1, D) + _load_mat(wp_ptr, j1, d, H1, D) * q[None, :]
+    Mt = _load_mat_t(a_ptr, j1, d, H1, D) + _load_mat_t(wp_ptr, j1, d, H1, D) * q[:, None]
+    Mt_hi = _hi(Mt, PREC)
+    Mt_lo = _lo(Mt, Mt_hi, PREC)
     c = _load_vec(c_ptr + b * H1, j1, H1)
     a1, mu1, r1 = _load_acts(act_ptr, HT, 0, j1, H1)
-    W2 = M  # placeholders for one hidden layer (never read)
+    W2t_hi, W2t_lo = Mt_hi, Mt_lo  # placeholders for one hidden layer (never read)
     b2 = c
     a2, mu2, r2 = a1, mu1, r1
     if NUM_LAYERS == 2:
-        W2 = _load_mat(w2_ptr, j2, j1, H2, H1)
+        W2t = _load_mat_t(w2_ptr, j2, j1, H2, H1)
+        W2t_hi = _hi(W2t, PREC)
+        W2t_lo = _lo(W2t, W2t_hi, PREC)
         b2 = _load_vec(b2_ptr, j2, H2)
         a2, mu2, r2 = _load_acts(act_ptr, HT, H1, j2, H2)
     wl = _load_vec(wl_ptr, jl, HL)
@@ -329,7 +460,8 @@ def _target_attention_fwd_kernel(
         valid = t < L
         rows = start + t
         K = _load_keys(k_ptr, rows, valid, d, D)
-        z1, h1, z2, h2 = _tile_fwd(K, M, c, W2, b2, a1, mu1, r1, a2, mu2, r2, NUM_LAYERS, ACT, PREC)
+        z1, h1, z2, h2 = _tile_fwd(K, Mt_hi, Mt_lo, c, W2t_hi, W2t_lo, b2, a1, mu1, r1, a2, mu2, r2, NUM_LAYERS,
+                                   ACT, PREC, INTERP)
         s = tl.sum(h2 * wl[None, :], 1) + bl
         if SOFTMAX:
             x = tl.where(valid, scale * s, float("-inf"))
@@ -377,14 +509,17 @@ def _target_attention_bwd_kernel(
     dk_ptr, dq_ptr, dc_ptr, dA_ptr, dWp_ptr, dW2_ptr, db2_ptr, dwl_ptr, dbl_ptr, dact_ptr, gsum_ptr,
     B, scale, T, N, D, H1, H2, HL, HT, T_BUCKET,
     JAGGED: tl.constexpr, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr,
-    DICE_TRAIN: tl.constexpr, MODE: tl.constexpr, HAS_GO: tl.constexpr, HAS_GS: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+    DICE_TRAIN: tl.constexpr, MODE: tl.constexpr, SPLIT_DQ: tl.constexpr, HAS_GO: tl.constexpr, HAS_GS: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr,
+    BLOCK_H2: tl.constexpr,
     BLOCK_HL: tl.constexpr, BLOCK_HG: tl.constexpr,
 ):
     """Program ``p`` of ``P`` handles samples ``p, p + P, ...``.
 
     MODE 0: ``dk`` rows, ``dq`` [B, D] (without ``dc @ (Wq + Wd)``), ``dc`` [B, H1], and this program's partials of
     ``d(Wk - Wd)``, ``dWp`` [H1, D], ``dW2`` [H2, H1], ``db2`` [H2], ``dw_last`` [HL], ``db_last`` [], ``d act`` [HT].
+    With ``SPLIT_DQ``, MODE 0 leaves out ``dq`` and MODE 3 computes only ``dq`` (two launches, so that each holds
+    fewer loop-invariant operands in shared memory; see ``_smem_estimate``).
     MODE 1 / 2: only this program's partial Dice sums ``(sum g, sum g u)`` [2, H] of the top hidden layer / layer 1.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -394,17 +529,29 @@ def _target_attention_bwd_kernel(
     j1 = tl.arange(0, BLOCK_H1)
     j2 = tl.arange(0, BLOCK_H2)
     jl = tl.arange(0, BLOCK_HL)
-    A = _load_mat(a_ptr, j1, d, H1, D)
-    Wp = _load_mat(wp_ptr, j1, d, H1, D)
+    WANT_DQ: tl.constexpr = MODE == 3 or (MODE == 0 and not SPLIT_DQ)
+    if WANT_DQ:
+        Wp = _load_mat(wp_ptr, j1, d, H1, D)
+        Wp_hi = _hi(Wp, PREC)
+        Wp_lo = _lo(Wp, Wp_hi, PREC)
+    else:
+        Wp_hi = tl.zeros([BLOCK_H1, BLOCK_D], dtype=tl.float32)  # placeholders (never read)
+        Wp_lo = Wp_hi
     a1, mu1, r1 = _load_acts(act_ptr, HT, 0, j1, H1)
     inv_n = tl.load(act_ptr + 3 * HT)
     sg1 = tl.load(dsum_ptr + j1, mask=j1 < H1, other=0.0)
     sgu1 = tl.load(dsum_ptr + HT + j1, mask=j1 < H1, other=0.0)
-    W2 = A  # placeholders for one hidden layer (never read)
+    W2_hi, W2_lo = Wp_hi, Wp_lo  # placeholders for one hidden layer (never read)
+    W2t_hi, W2t_lo = Wp_hi, Wp_lo
     b2 = a1
     a2, mu2, r2, sg2, sgu2 = a1, mu1, r1, sg1, sgu1
     if NUM_LAYERS == 2:
         W2 = _load_mat(w2_ptr, j2, j1, H2, H1)
+        W2_hi = _hi(W2, PREC)
+        W2_lo = _lo(W2, W2_hi, PREC)
+        W2t = _load_mat_t(w2_ptr, j2, j1, H2, H1)
+        W2t_hi = _hi(W2t, PREC)
+        W2t_lo = _lo(W2t, W2t_hi, PREC)
         b2 = _load_vec(b2_ptr, j2, H2)
         a2, mu2, r2 = _load_acts(act_ptr, HT, H1, j2, H2)
         sg2 = tl.load(dsum_ptr + H1 + j2, mask=j2 < H2, other=0.0)
@@ -426,7 +573,18 @@ def _target_attention_bwd_kernel(
     for b in range(pid, B, n_prog):
         start, L = _sample_range(b, len_ptr, off_ptr, T, N, JAGGED)
         q = _load_vec(q_ptr + b * D, d, D)
-        M = A + Wp * q[None, :]
+        # M_b^T (layer 1) and, for dK, M_b: read per sample from global memory (L2) in both orientations rather
+        # than transposed on chip
+        Mt = _load_mat_t(a_ptr, j1, d, H1, D) + _load_mat_t(wp_ptr, j1, d, H1, D) * q[:, None]
+        Mt_hi = _hi(Mt, PREC)
+        Mt_lo = _lo(Mt, Mt_hi, PREC)
+        if MODE == 0:
+            M = _load_mat(a_ptr, j1, d, H1, D) + _load_mat(wp_ptr, j1, d, H1, D) * q[None, :]
+            M_hi = _hi(M, PREC)
+            M_lo = _lo(M, M_hi, PREC)
+        else:
+            M_hi = Wp_hi  # placeholders (never read)
+            M_lo = Wp_lo
         c = _load_vec(c_ptr + b * H1, j1, H1)
         go = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_GO:
@@ -449,7 +607,8 @@ def _target_attention_bwd_kernel(
             valid = t < L
             rows = start + t
             K = _load_keys(k_ptr, rows, valid, d, D)
-            z1, h1, z2, h2 = _tile_fwd(K, M, c, W2, b2, a1, mu1, r1, a2, mu2, r2, NUM_LAYERS, ACT, PREC)
+            z1, h1, z2, h2 = _tile_fwd(K, Mt_hi, Mt_lo, c, W2t_hi, W2t_lo, b2, a1, mu1, r1, a2, mu2, r2, NUM_LAYERS,
+                                   ACT, PREC, INTERP)
             dw = zero_t
             if HAS_GS:
                 dw += tl.load(gs_ptr + rows, mask=valid, other=0.0).to(tl.float32)
@@ -471,34 +630,46 @@ def _target_attention_bwd_kernel(
                     sgu_acc += tl.sum(g2 * u2, 0)
                 else:
                     dz2 = tl.where(valid[:, None], dz2, 0.0)
-                    dh1 = tl.dot(dz2, W2, input_precision=PREC)
+                    dh1 = _mmf_b(dz2, W2_hi, W2_lo, PREC, INTERP)
                     if MODE == 0:
-                        dW2_acc += tl.dot(tl.trans(dz2), h1, input_precision=PREC)
+                        dW2_acc += _mmf(tl.trans(dz2), h1, PREC, INTERP)
                         db2_acc += tl.sum(dz2, 0)
                         da2_acc += tl.sum(tl.where(valid[:, None], da2, 0.0), 0)
             else:
                 dh1 = dh
-            if MODE == 0 or (MODE == 2 and NUM_LAYERS == 2) or (MODE == 1 and NUM_LAYERS == 1):
+            if MODE == 0 or MODE == 3 or (MODE == 2 and NUM_LAYERS == 2) or (MODE == 1 and NUM_LAYERS == 1):
                 G, da1, g1, u1 = _act_bwd(dh1, z1, a1, mu1, r1, sg1, sgu1, inv_n, valid, ACT, DICE_TRAIN)
-                if MODE != 0:
+                if MODE == 1 or MODE == 2:
                     g1 = tl.where(valid[:, None], g1, 0.0)
                     sg_acc += tl.sum(g1, 0)
                     sgu_acc += tl.sum(g1 * u1, 0)
+                elif MODE == 3:
+                    G = tl.where(valid[:, None], G, 0.0)
+                    G_hi = _hi(G, PREC)
+                    dq_acc += tl.sum(K * _mm(G_hi, _lo(G, G_hi, PREC), Wp_hi, Wp_lo, PREC, INTERP), 0)
                 else:
                     G = tl.where(valid[:, None], G, 0.0)
                     da1_acc += tl.sum(tl.where(valid[:, None], da1, 0.0), 0)
                     dwl_acc += tl.sum(ds[:, None] * h2, 0)
                     dbl_acc += ds
-                    dK = tl.dot(G, M, input_precision=PREC)
+                    G_hi = _hi(G, PREC)
+                    G_lo = _lo(G, G_hi, PREC)
+                    dK = _mm(G_hi, G_lo, M_hi, M_lo, PREC, INTERP)
                     if HAS_GO:
                         dK += w[:, None] * go[None, :]
                     tl.store(dk_ptr + rows[:, None] * D + d[None, :], dK, mask=valid[:, None] & (d[None, :] < D))
-                    dA_acc += tl.dot(tl.trans(G), K, input_precision=PREC)
-                    dWp_acc += tl.dot(tl.trans(G), K * q[None, :], input_precision=PREC)
-                    dq_acc += tl.sum(K * tl.dot(G, Wp, input_precision=PREC), 0)
+                    K_hi = _hi(K, PREC)
+                    K_lo = _lo(K, K_hi, PREC)
+                    dA_acc += _mm(tl.trans(G_hi), tl.trans(G_lo), K_hi, K_lo, PREC, INTERP)
+                    Kq = K * q[None, :]
+                    Kq_hi = _hi(Kq, PREC)
+                    dWp_acc += _mm(tl.trans(G_hi), tl.trans(G_lo), Kq_hi, _lo(Kq, Kq_hi, PREC), PREC, INTERP)
+                    if WANT_DQ:
+                        dq_acc += tl.sum(K * _mm(G_hi, G_lo, Wp_hi, Wp_lo, PREC, INTERP), 0)
                     dc_acc += tl.sum(G, 0)
-        if MODE == 0:
+        if WANT_DQ:
             tl.store(dq_ptr + b * D + d, dq_acc, mask=d < D)
+        if MODE == 0:
             tl.store(dc_ptr + b * H1 + j1, dc_acc, mask=j1 < H1)
             if not JAGGED:  # the padding rows of dk are zero
                 zero_d = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -518,7 +689,7 @@ def _target_attention_bwd_kernel(
             tl.store(dW2_ptr + pid * H2 * H1 + j2[:, None] * H1 + j1[None, :], dW2_acc, mask=m2)
             tl.store(db2_ptr + pid * H2 + j2, db2_acc, mask=j2 < H2)
             tl.store(dact_ptr + pid * HT + H1 + j2, da2_acc, mask=j2 < H2)
-    else:
+    elif MODE == 1 or MODE == 2:
         if MODE == 1 and NUM_LAYERS == 2:
             HG = H2
         else:
@@ -544,8 +715,20 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
 
-def check_supported(query: Tensor, keys: Tensor, weights) -> None:
-    """Raises ``TypeError``/``ValueError`` for what the Triton kernels do not cover (dtypes, depth, widths)."""
+def _precision(query: Tensor, keys: Tensor) -> str:
+    """The ``tl.dot`` scheme: one bfloat16 / float16 product for bfloat16 / float16 inputs, else ``bf16x3``."""
+    dts = {query.dtype, keys.dtype}
+    return "bf16" if dts == {torch.bfloat16} else "fp16" if dts == {torch.float16} else "bf16x3"
+
+
+def _split_dq(prec: str, layers: int, BD: int, BH1: int, BH2: int, limit: int) -> bool:
+    return _smem_estimate("bwd", prec, layers, BD, BH1, BH2, 16, mode=0) > limit
+
+
+def check_supported(query: Tensor, keys: Tensor, weights, smem_limit: int | None = None) -> None:
+    """Raises ``TypeError``/``ValueError`` for what the Triton kernels do not cover (dtypes, depth, widths, and the
+    shared memory that the blocks of these widths need: checked against ``smem_limit`` bytes, by default the limit
+    of ``query``'s GPU; not checked for CPU tensors under the interpreter unless ``smem_limit`` is given)."""
     for name, t in (("query", query), ("keys", keys)):
         if t.dtype not in DTYPES:
             raise TypeError(f"backend 'triton' supports {[str(x) for x in DTYPES]} for {name}, got {t.dtype}; "
@@ -558,6 +741,19 @@ def check_supported(query: Tensor, keys: Tensor, weights) -> None:
     if D > MAX_WIDTH or max(widths) > MAX_WIDTH:
         raise ValueError(f"backend 'triton' supports D and hidden widths up to {MAX_WIDTH}, got D = {D} and hidden "
                          f"widths {tuple(widths)}; use backend='torch' for wider layers")
+    if smem_limit is None and query.device.type != "cuda":
+        return
+    prec, layers = _precision(query, keys), len(widths)
+    BD, BH1, BH2 = _block(D), _block(widths[0]), _block(widths[1] if layers == 2 else 1)
+    limit = smem_limit if smem_limit is not None else _smem_limit(query.device)
+    split = _split_dq(prec, layers, BD, BH1, BH2, limit)
+    need = max(_smem_estimate("fwd", prec, layers, BD, BH1, BH2, 16),
+               _smem_estimate("bwd", prec, layers, BD, BH1, BH2, 16, mode=0, split_dq=split),
+               _smem_estimate("bwd", prec, layers, BD, BH1, BH2, 16, mode=3 if split else 2))
+    if need > limit:
+        raise ValueError(f"backend 'triton' needs about {need} bytes of shared memory per block for D = {D} and hidden "
+                         f"widths {tuple(widths)} in {query.dtype} (blocks {BD} x {BH1} x {BH2}); the GPU has "
+                         f"{limit}: use backend='torch' for these sizes, or bfloat16/float16 inputs")
 
 
 def supports(query: Tensor, keys: Tensor, weights) -> bool:
@@ -599,8 +795,7 @@ class _Problem:
         self.HL = self.widths[-1]
         self.HT = self.H1 + self.H2
         self.act = ACTIVATION_CODES[activation]
-        low = (torch.bfloat16,)
-        self.prec = "tf32" if query.dtype in low and keys.dtype in low else "tf32x3"
+        self.prec = _precision(query, keys)
         dev = query.device
         W1 = weights[0].float()
         Wq, Wk, Wd, Wp = W1.split(self.D, dim=1)
@@ -619,6 +814,8 @@ class _Problem:
         self.alphas = [a.float().expand(h) for a, h in zip(act_weights, self.widths)] if act_weights else None
         self.blocks = dict(BLOCK_D=_block(self.D), BLOCK_H1=_block(self.H1), BLOCK_H2=_block(max(self.H2, 1)))
         self.BLOCK_HL = _block(self.HL)
+        self.split_dq = _split_dq(self.prec, self.layers, self.blocks["BLOCK_D"], self.blocks["BLOCK_H1"],
+                                  self.blocks["BLOCK_H2"], _smem_limit(query.device))
 
     def pack(self, means, rs, inv_n=None) -> Tensor:
         """The ``[4, H1 + H2]`` activation pack from per-layer means and ``r`` (lists of ``[H_i]`` fp32)."""
@@ -657,7 +854,8 @@ def _dice_batch_stats(pb: _Problem, eps: float) -> tuple[Tensor, list[Tensor], l
         _launch(_target_attention_stats_kernel, (pb.B,),
             *pb.common(), act, cnt, mean_b, m2_b,
             pb.T, pb.N, pb.D, pb.H1, max(pb.H2, 1), pb.HT, pb.bucket,
-            JAGGED=pb.jagged, LAYER=layer, ACT=pb.act, PREC=pb.prec, BLOCK_HS=_block(H), **pb.blocks,
+            JAGGED=pb.jagged, LAYER=layer, ACT=pb.act, PREC=pb.prec, INTERP=triton_interpret(), BLOCK_HS=_block(H),
+            **pb.blocks,
         )
         mean, var, count = _merge_moments(cnt, mean_b, m2_b)
         means.append(mean)
@@ -718,7 +916,7 @@ def target_attention_fwd(
     _launch(_target_attention_fwd_kernel, (pb.B,),
         *pb.common(), pb.wl, pb.bl, act, out, w, w32, out32,
         float(scale), pb.T, pb.N, pb.D, pb.H1, max(pb.H2, 1), pb.HL, pb.HT, pb.bucket,
-        JAGGED=pb.jagged, NUM_LAYERS=pb.layers, ACT=pb.act, SOFTMAX=softmax, PREC=pb.prec,
+        JAGGED=pb.jagged, NUM_LAYERS=pb.layers, ACT=pb.act, SOFTMAX=softmax, PREC=pb.prec, INTERP=triton_interpret(),
         BLOCK_HL=pb.BLOCK_HL, **pb.blocks,
     )
     return out, w, stats, w32, out32
@@ -792,8 +990,9 @@ def target_attention_bwd(
             dk, dq, dc, dA, dWp, dW2, db2, dwl, dbl, dact, gsum,
             B, float(scale), pb.T, pb.N, D, H1, max(H2, 1), HL, HT, pb.bucket,
             JAGGED=pb.jagged, NUM_LAYERS=pb.layers, ACT=pb.act, SOFTMAX=normalization == "softmax",
-            DICE_TRAIN=dice_train, MODE=mode, HAS_GO=grad_out is not None, HAS_GS=grad_scores is not None,
-            PREC=pb.prec, BLOCK_HL=pb.BLOCK_HL, BLOCK_HG=block_hg, **pb.blocks,
+            DICE_TRAIN=dice_train, MODE=mode, SPLIT_DQ=pb.split_dq, HAS_GO=grad_out is not None,
+            HAS_GS=grad_scores is not None,
+            PREC=pb.prec, INTERP=triton_interpret(), BLOCK_HL=pb.BLOCK_HL, BLOCK_HG=block_hg, **pb.blocks,
         )
 
     if dice_train:  # batch sums of g and g * u, top hidden layer first (layer 1's g depends on layer 2's dx)
@@ -808,6 +1007,8 @@ def target_attention_bwd(
         else:
             dsum = top
     launch(0, dsum, 16)
+    if pb.split_dq:
+        launch(3, dsum, 16)
 
     dA_sum, dWp_sum = dA.sum(0), dWp.sum(0)
     dWqd = dc.t() @ query.float()
