@@ -162,6 +162,8 @@ def provider_unavailable_reason(op: str, provider: str, device: torch.device, dt
         if provider == "triton" and device.type == "cpu":
             return ("TRITON_INTERPRET=1 runs the Triton interpreter on the CPU: a correctness tool, not a "
                     "benchmark target")
+        if provider == "triton" and op == "attention" and shape is not None and dtype is not None:
+            return _triton_attention_refusal(shape, dtype, device)
         if op == "din_step" and _din_class() is None:
             return _DIN_MISSING
         return None
@@ -185,6 +187,21 @@ def provider_unavailable_reason(op: str, provider: str, device: torch.device, dt
             return _DIN_MISSING
         if dtype is not None and dtype != torch.float32:
             return "the DIN training step is benchmarked in float32 only"
+    return None
+
+
+def _triton_attention_refusal(shape: dict, dtype: torch.dtype, device: torch.device) -> str | None:
+    """The Triton attention backend's own refusal of ``shape`` in ``dtype`` on ``device`` (sizes whose blocks do not
+    fit its shared memory, dtypes it does not cover), or None."""
+    from din_kernels.triton import attention as tra
+
+    D, hidden = shape["D"], list(shape.get("hidden", _ATT["hidden"]))
+    q, k = torch.empty(1, D, dtype=dtype, device="meta"), torch.empty(1, 1, D, dtype=dtype, device="meta")
+    weights = [torch.empty(h, d, device="meta") for d, h in zip([4 * D, *hidden], [*hidden, 1])]
+    try:
+        tra.check_supported(q, k, weights, smem_limit=tra._smem_limit(device))
+    except (TypeError, ValueError) as e:
+        return str(e)
     return None
 
 

@@ -292,13 +292,41 @@ def _run_mba(case: MBACase, gen) -> None:
 
 RUNNERS = {"attention": _run_attention, "dice": _run_dice, "mba": _run_mba}
 
+# constexprs shown in the markdown table (the rest are in the JSON lines)
+_SHOWN = ("PREC", "MODE", "SPLIT_DQ", "LAYER", "NUM_LAYERS", "BLOCK_T", "BLOCK_D", "BLOCK_H1", "BLOCK_H2", "BLOCK_N",
+          "BLOCK_C", "BLOCK_M")
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    """One table row per compiled kernel (and the refused cases), for ``benchmarks/results``."""
+    out = [f"# Triton kernels compiled for sm_{meta['arch']} (no GPU: `python benchmarks/compile_check.py`)", "",
+           f"triton {meta['triton']}, torch {meta['torch']}, case set `{meta['set']}`: {meta['kernels']} kernels in "
+           f"{meta['seconds']} s, {meta['errors']} failed, {meta['spilling']} with register spills; "
+           f"{meta['unsupported']} cases refused by the backend (shared memory). Shared memory per block on sm_90: "
+           "232448 bytes.", "",
+           "| kernel | config | warps | compile s | registers | spill stores B | shared B |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "unsupported" in r:
+            out.append(f"| refused: {r['case']} | {r['unsupported']} | | | | | |")
+            continue
+        c = r["constexprs"]
+        cfg = " ".join(f"{k}={c[k]}" for k in _SHOWN if k in c)
+        if "error" in r:
+            out.append(f"| `{r['kernel']}` | {cfg} | {c.get('num_warps', '')} | {r['seconds']} | error: "
+                       f"{r['error'].splitlines()[0][:200]} | | |")
+        else:
+            out.append(f"| `{r['kernel']}` | {cfg} | {r['num_warps']} | {r['seconds']} | {r['registers']} | "
+                       f"{r['spill_stores']} | {r['shared']} |")
+    return "\n".join(out) + "\n"
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--set", choices=sorted(CASES), default="ci")
     p.add_argument("--ops", default=",".join(RUNNERS), help="comma-separated subset of " + ",".join(RUNNERS))
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an integer (90 = sm_90)")
-    p.add_argument("--out", help="write the rows as JSON lines to this file")
+    p.add_argument("--out", help="write the rows as JSON lines to this file (and a markdown table next to it, .md)")
     p.add_argument("--cache-dir", help="Triton cache folder to fill (default: a fresh temporary one)")
     args = p.parse_args(argv)
 
@@ -349,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             for row in [meta, *rec.rows]:
                 f.write(json.dumps(row) + "\n")
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(markdown(meta, rec.rows))
     print(f"{meta['kernels']} kernels compiled for sm_{args.arch} in {total:.0f} s: {len(errors)} failed, "
           f"{len(spilled)} with register spills; {len(unsupported)} cases refused by the backend's own checks")
     return 1 if errors else 0

@@ -99,6 +99,19 @@ def test_missing_provider_is_skipped_with_reason(monkeypatch):
     assert "deepctr-torch" in cases.provider_unavailable_reason("attention", "deepctr_torch", CPU)
 
 
+def test_triton_attention_sizes_beyond_shared_memory_are_skipped_with_reason():
+    pytest.importorskip("triton")
+    cuda = torch.device("cuda")  # the sm_90 limit when no GPU is here
+    gpu = cases.SHAPE_SETS["gpu"]["attention"]
+    wide = next(s for s in gpu if s["D"] == 256)
+    reason = cases._triton_attention_refusal(wide, torch.float32, cuda)
+    assert reason and "shared memory" in reason and "D = 256" in reason
+    for shape in gpu:
+        assert cases._triton_attention_refusal(shape, torch.bfloat16, cuda) is None
+    assert cases._triton_attention_refusal(gpu[0], torch.float32, cuda) is None
+    assert "float64" in cases._triton_attention_refusal(gpu[0], torch.float64, cuda)
+
+
 def test_peers_compute_our_function():
     pytest.importorskip("deepctr_torch")
     from deepctr_torch.layers.activation import Dice as PeerDice
