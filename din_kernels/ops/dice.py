@@ -9,7 +9,7 @@ from .. import backend as _backend
 from .._validate import check_device, check_float
 from ..reference.attention import compute_dtype
 from ..reference.dice import dice_ref
-from ..torch_impl.dice import dice_act, dice_bwd, masked_moments
+from ..torch_impl.dice import dice_bwd, dice_forward, masked_moments
 from ..triton._launch import kernel_op
 
 SUPPORTED = ("reference", "torch", "triton")
@@ -40,7 +40,7 @@ def dice_fwd_torch(
     else:
         mean, var, count = running_mean.to(cd), running_var.to(cd), xc.new_zeros(())
     cast = [None if t is None else t.to(cd) for t in (weight, bias)]
-    y = dice_act(xc, alpha.to(cd), mean, var, *cast, eps)[0]
+    y = dice_forward(xc, alpha.to(cd), mean, var, *cast, eps)
     return y.to(x.dtype), torch.stack([mean, var, count.expand_as(mean)])
 
 

@@ -9,6 +9,12 @@ With ``u = (x - E) * r``, ``r = 1 / sqrt(Var + eps)``, ``p = sigmoid(weight * u 
   ``dx_j += -r / Nv * (sum_i g_i + u_j * sum_i g_i u_i)``, the sums running over every position (as in batch
   normalisation's backward).
 - ``d alpha = sum dy * x (1 - p)``, ``d weight = sum g / weight * u``, ``d bias = sum g / weight``.
+
+Without a mask the normalisation is batch normalisation's own: ``weight * u + bias`` comes from ``torch.batch_norm``
+(one fused pass), the statistics from ``torch.var_mean`` and the gradient through them (``r * g`` and the correction
+above, ``d weight``, ``d bias``) from ``native_batch_norm_backward``, so each direction costs a few fused passes over
+``[N, C]`` instead of one elementwise op per term; masked inputs (the attention's padded hidden layers) take the
+general formulas.
 """
 
 from __future__ import annotations
@@ -31,8 +37,7 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
         if x.numel() == 0:
             zeros = x.new_zeros(x.shape[-1])
             return zeros, zeros, count
-        mean = x.mean(dims)
-        var = (x - mean).square().mean(dims)
+        var, mean = torch.var_mean(x, dims, correction=0)
         return mean, var, count
     m = mask.unsqueeze(-1)
     count = mask.sum().to(x.dtype)
@@ -40,6 +45,23 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
     mean = torch.where(m, x, 0).sum(dims) / denom  # where, not a product: NaN in unselected rows stays out
     var = torch.where(m, x - mean, 0).square().sum(dims) / denom
     return mean, var, count
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _normalised(x, mean, var, weight, bias, eps) -> torch.Tensor:
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` in one fused pass (batch normalisation with given stats)."""
+    return torch.batch_norm(_flat(x), weight, bias, mean, var, False, 0.0, eps, False).reshape(x.shape)
+
+
+def dice_forward(x, alpha, mean, var, weight, bias, eps):
+    """``y`` of Dice with the given statistics (the fused passes of the module docstring)."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    y = torch.sigmoid_(_normalised(x, mean, var, weight, bias, eps))  # p, then y in the same buffer
+    return y.mul_(1 - alpha).add_(alpha).mul_(x)
 
 
 def dice_act(x, alpha, mean, var, weight, bias, eps):
@@ -53,8 +75,34 @@ def dice_act(x, alpha, mean, var, weight, bias, eps):
     return x * (alpha + (1 - alpha) * p), p, u, r
 
 
+def _dice_bwd_unmasked(dy, x, alpha, mean, var, weight, bias, training, eps):
+    """:func:`dice_bwd` without a mask, through batch normalisation's fused kernels."""
+    dims = reduce_dims(x)
+    p = torch.sigmoid_(_normalised(x, mean, var, weight, bias, eps))
+    gp = dy * x  # three [N, C] buffers in all (p, gp, and batch normalisation's dx), updated in place
+    dalpha = gp.sum(dims)
+    gp.mul_(p)
+    dalpha -= gp.sum(dims)  # sum dy x (1 - p)
+    gp.addcmul_(gp, p, value=-1).mul_(1 - alpha)  # dL/d(pre-sigmoid) = dy x (1 - alpha) p (1 - p)
+    dx = p.mul_(1 - alpha).add_(alpha).mul_(dy)  # dy (alpha + (1 - alpha) p)
+    r = torch.rsqrt(var + eps)
+    if training:  # batch normalisation's backward: r * g and the terms through the batch statistics
+        dx_bn, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            _flat(gp), _flat(x), weight, None, None, mean, r, True, eps, [True, weight is not None, bias is not None])
+        dx += dx_bn.reshape(x.shape)
+    else:
+        dx.addcmul_(gp, r if weight is None else r * weight)
+        dweight = None if weight is None else (gp * ((x - mean) * r)).sum(dims)
+        dbias = None if bias is None else gp.sum(dims)
+    if alpha.numel() == 1:
+        dalpha = dalpha.sum().reshape(alpha.shape)
+    return dx, dalpha, dweight if weight is not None else None, dbias if bias is not None else None
+
+
 def dice_bwd(dy, x, alpha, mean, var, weight, bias, mask, training, eps, count=None):
     """``(dx, d alpha, d weight or None, d bias or None)``; ``alpha``'s gradient is summed to its shape."""
+    if mask is None and x.numel() > 0:
+        return _dice_bwd_unmasked(dy, x, alpha, mean, var, weight, bias, training, eps)
     _, p, u, r = dice_act(x, alpha, mean, var, weight, bias, eps)
     dims = reduce_dims(x)
     gp = dy * x * (1 - alpha) * p * (1 - p)  # dL/d(pre-sigmoid)
