@@ -34,7 +34,7 @@ from .._jagged import jagged_to_padded, padded_mask, padded_to_jagged
 from .._validate import check_lengths_values, check_offsets_values
 from ..backend import checks_enabled
 from ..reference.attention import compute_dtype
-from .dice import dice_act, dice_bwd, masked_moments
+from .dice import dice_bwd, dice_forward, masked_moments
 
 
 def _padded_inputs(keys, lengths, offsets, cd):
@@ -76,7 +76,7 @@ def _activate(z, activation, params, eps):
         return torch.relu(z)
     if activation == "prelu":
         return torch.where(z >= 0, z, params[0] * z)
-    return dice_act(z, *params, None, None, eps)[0]
+    return dice_forward(z, *params, None, None, eps)
 
 
 def _activate_bwd(dh, z, h, activation, params, mask, training, eps, count):
