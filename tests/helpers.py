@@ -102,10 +102,10 @@ def run_attention(case: AttentionCase, backend, dtype, layout="padded", activati
     return out, w_p, grads, (means, variances)
 
 
-# The Triton kernels multiply float32 operands as three bfloat16 tensor-core products (hi*hi + hi*lo + lo*hi, about
-# 17 significant bits a product; see din_kernels/triton/attention.py): their float32 results are held to 5x the
-# float32 tolerance (observed: up to 1.9x).
-TRITON_FLOAT32_FACTOR = 5.0
+# The Triton kernels multiply float32 operands split in two bfloat16 parts (x = hi + lo holds about 17 significant
+# bits of x; the four products are exact and summed in float32, see din_kernels/triton/attention.py): their float32
+# results are held to 3x the float32 tolerance (observed: up to 1.6x, on a scalar PReLU weight's gradient).
+TRITON_FLOAT32_FACTOR = 3.0
 
 
 def backend_factor(backend: str, dtype, device: str = "cpu") -> float:

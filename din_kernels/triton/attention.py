@@ -61,22 +61,23 @@ work per behaviour is left out; weights, read once per program, stay in L2):
 For B = 1024, T = 200 (all valid), D = 128, H = (80, 40), bf16: forward 5.6 GFLOP and 54 MB, backward 25 GFLOP and
 133 MB (P = 132): at an H200's ~4.8 TB/s and ~990 dense bf16 TFLOP/s that is 11 us of memory against 6 us of
 arithmetic forward, 28 us against 25 us backward (padding H1 = 80 to a 128 block costs another 1.6x on the first
-layer). float32 inputs cost three products per ``tl.dot`` (and with ``SPLIT_DQ`` a second recompute in the backward).
+layer). float32 inputs cost four products per ``tl.dot`` (and with ``SPLIT_DQ`` a second recompute in the backward).
 
 Precision and shared memory. Every ``tl.dot`` multiplies 16-bit operands on the tensor cores with float32
 accumulation: bfloat16 operands for bfloat16 inputs and float16 ones for float16 inputs (``PREC`` "bf16" / "fp16"),
-and for float32 inputs three bfloat16 products of the operands split as ``x = hi + lo`` (``PREC`` "bf16x3",
-``hi*hi + hi*lo + lo*hi``, about 17 significant bits a product; the results meet 5x the float32 tolerance of the
-tests). The loop-invariant operands (``M_b^T``, ``M_b``, ``Wp``, ``W2``, ``W2^T``) stay in shared memory for the whole
-key loop, each read from global memory in the orientation its product needs (a transpose on chip would cost a
-staging buffer); 16-bit operands halve what float32/TF32 ones took, which did not fit an H200's 227 KB per block in
-the backward at D = 128. The model ``_smem_estimate`` (fitted to ``benchmarks/compile_check.py`` on sm_90) prunes the
-autotune configs, splits ``dq`` off the backward into its own launch when one launch would not fit (``SPLIT_DQ``:
-float32 at D = 128, bfloat16 at D = 256), and makes ``check_supported`` refuse, naming the sizes, what no launch
-fits (e.g. float32 at D = 256, or 256-wide hidden layers). Loads are not software-pipelined (``num_stages=1``: the
-key tiles are small next to the operands). ``python benchmarks/compile_check.py`` reports, per compiled kernel,
-registers, spills and shared memory; the backward at D = 128 spills about 1 KB a thread (its ``[H1, D]``
-accumulators live in registers).
+and for float32 inputs the four bfloat16 products of the operands split as ``x = hi + lo`` (``PREC`` "bf16x4", ``hi*hi
++ (hi*lo + lo*hi + lo*lo)``; the split keeps about 17 significant bits of each operand, the products are exact and
+summed in float32: results within 1.6x of the float32 tolerance of the tests, where three products (no ``lo*lo``)
+reached 1.9x; TF32's three-pass scheme was float32-grade but did not fit in shared memory, below). The loop-invariant
+operands (``M_b^T``, ``M_b``, ``Wp``, ``W2``, ``W2^T``) stay in shared memory for the whole key loop, each read from
+global memory in the orientation its product needs (a transpose on chip would cost a staging buffer); 16-bit operands
+halve what float32/TF32 ones took, which did not fit an H200's 227 KB per block in the backward at D = 128. The model
+``_smem_estimate`` (fitted to ``benchmarks/compile_check.py`` on sm_90) prunes the autotune configs, splits ``dq`` off
+the backward into its own launch when one launch would not fit (``SPLIT_DQ``: float32 at D = 128, bfloat16 at D =
+256), and makes ``check_supported`` refuse, naming the sizes, what no launch fits (e.g. float32 at D = 256, or
+256-wide hidden layers). Loads are not software-pipelined (``num_stages=1``: the key tiles are small next to the
+operands). ``python benchmarks/compile_check.py`` reports, per compiled kernel, registers, spills and shared memory;
+the backward at D = 128 spills about 1 KB a thread (its ``[H1, D]`` accumulators live in registers).
 
 Hidden layers: one or two (the launcher raises ``ValueError`` for more: use the ``torch`` backend); ``D`` and every
 width up to 256 (blocks are padded to powers of two >= 16 and masked) within the shared memory of the GPU (above).
@@ -116,7 +117,7 @@ _BWD_CONFIGS = ((16, 8), (16, 16), (32, 16))  # the backward keeps [H1, D] accum
 
 # Shared memory. On a GPU the loop-invariant ``tl.dot`` operands (``M_b^T`` [BD, BH1], ``M_b``, ``Wp``, ``W2``,
 # ``W2^T`` as needed by the kernel) live in shared memory for the whole key loop, as 16-bit values (twice, high and
-# low parts, with ``PREC == "bf16x3"``), next to the per-tile operands. ``_smem_estimate`` is the model of what Triton
+# low parts, with ``PREC == "bf16x4"``), next to the per-tile operands. ``_smem_estimate`` is the model of what Triton
 # allocates, fitted to the reports of ``benchmarks/compile_check.py`` for sm_90 (never below them, at most about a
 # third above; tests/test_compile_sm90.py holds it to that). It decides the configs that are tried (``_prune``),
 # whether the backward computes ``dq`` in a second launch (``SPLIT_DQ``: one operand fewer each), and which sizes
@@ -142,7 +143,7 @@ def _smem_estimate(kind: str, prec: str, layers: int, BD: int, BH1: int, BH2: in
     else:
         inv = dh + 2 * hh
     tiles = BT * (BD + BH1 + (0 if kind == "stats" and layer == 1 else BH2)) * (1.25 if kind == "bwd" else 1.0)
-    parts = 2 if prec == "bf16x3" else 1
+    parts = 2 if prec == "bf16x4" else 1
     return int(parts * 2 * (inv + tiles)) + 4096
 
 
@@ -269,8 +270,8 @@ def _hi(x, PREC: tl.constexpr):
 
 @triton.jit
 def _lo(x, x_hi, PREC: tl.constexpr):
-    """The bfloat16 remainder ``x - x_hi`` (``PREC == "bf16x3"``), else ``x_hi`` itself (never used)."""
-    if PREC == "bf16x3":
+    """The bfloat16 remainder ``x - x_hi`` (``PREC == "bf16x4"``), else ``x_hi`` itself (never used)."""
+    if PREC == "bf16x4":
         return (x - x_hi.to(tl.float32)).to(tl.bfloat16)
     else:
         return x_hi
@@ -278,10 +279,11 @@ def _lo(x, x_hi, PREC: tl.constexpr):
 
 @triton.jit
 def _mm(a_hi, a_lo, b_hi, b_lo, PREC: tl.constexpr, INTERP: tl.constexpr):
-    """``a @ b`` in float32 from split operands: one 16-bit product, or with ``PREC == "bf16x3"`` three bfloat16
-    products ``a_hi b_hi + (a_hi b_lo + a_lo b_hi)`` (about 16 significant bits: float32-grade results)."""
-    if PREC == "bf16x3":
-        return _mm16(a_hi, b_hi, INTERP) + (_mm16(a_hi, b_lo, INTERP) + _mm16(a_lo, b_hi, INTERP))
+    """``a @ b`` in float32 from split operands: one 16-bit product, or with ``PREC == "bf16x4"`` the four bfloat16
+    products ``a_hi b_hi + (a_hi b_lo + a_lo b_hi + a_lo b_lo)`` (float32-grade results)."""
+    if PREC == "bf16x4":
+        small = _mm16(a_hi, b_lo, INTERP) + _mm16(a_lo, b_hi, INTERP) + _mm16(a_lo, b_lo, INTERP)
+        return _mm16(a_hi, b_hi, INTERP) + small
     else:
         return _mm16(a_hi, b_hi, INTERP)
 
@@ -716,9 +718,9 @@ def _block(n: int) -> int:
 
 
 def _precision(query: Tensor, keys: Tensor) -> str:
-    """The ``tl.dot`` scheme: one bfloat16 / float16 product for bfloat16 / float16 inputs, else ``bf16x3``."""
+    """The ``tl.dot`` scheme: one bfloat16 / float16 product for bfloat16 / float16 inputs, else ``bf16x4``."""
     dts = {query.dtype, keys.dtype}
-    return "bf16" if dts == {torch.bfloat16} else "fp16" if dts == {torch.float16} else "bf16x3"
+    return "bf16" if dts == {torch.bfloat16} else "fp16" if dts == {torch.float16} else "bf16x4"
 
 
 def _split_dq(prec: str, layers: int, BD: int, BH1: int, BH2: int, limit: int) -> bool:
