@@ -1,7 +1,7 @@
 """Ahead-of-time compile of the package's Triton kernels for a CUDA target, on a machine without a GPU.
 
-    python benchmarks/compile_check.py                      # the "ci" set for sm_90 (H100/H200), a table on stdout
-    python benchmarks/compile_check.py --set gpu --out compile.jsonl --cache-dir ~/.triton/cache
+    python benchmarks/compile_check.py                      # for sm_90 (H100/H200), a table on stdout
+    python benchmarks/compile_check.py --out compile.jsonl  # also JSON lines and a markdown table (compile.md)
 
 Each case calls the launchers of :mod:`din_kernels.triton` (attention, Dice, MBA) on small CPU tensors with a
 stand-in driver that only names the target: every launch compiles its kernel (every autotune config that survives
@@ -10,8 +10,8 @@ and launches nothing. Per compiled kernel it records the compile time, the regis
 and the stack frame that ``ptxas -v`` reports, and the shared memory; a kernel that fails to compile is a row with
 its error. Exit status 1 when any kernel failed to compile, 0 otherwise.
 
-Triton's on-disk cache (``TRITON_CACHE_DIR``) is a fresh temporary folder unless ``--cache-dir`` names one, so the
-compile times are those of a cold GPU run. The launchers' outputs are garbage (nothing runs); the kernels' numerics
+Triton's on-disk cache (``TRITON_CACHE_DIR``) is a fresh temporary folder, so the compile times are those of a cold
+GPU run. The launchers' outputs are garbage (nothing runs); the kernels' numerics
 are tested under ``TRITON_INTERPRET=1`` and on a GPU (``tests/``, ``benchmarks/gpu_check.sh``).
 """
 
@@ -67,36 +67,20 @@ class MBACase:
     dtype: str
 
 
-_GPU_ATT = [
-    # the attention cases of tests/ (marked gpu) and of the "gpu" benchmark shapes
-    AttentionCase(1024, 200, 128, (80, 40), act, norm, layout, dtype)
-    for dtype in ("float32", "bfloat16")
-    for act, norm, layout in (("sigmoid", "none", "padded"), ("dice", "softmax", "jagged"),
-                              ("prelu", "softmax", "padded"))
-] + [AttentionCase(4096, 200, 256, (80, 40), "sigmoid", "none", "padded", dtype) for dtype in ("float32", "bfloat16")]
-
+# every kernel and constexpr branch at least once, the widest blocks, float32/bfloat16/float16
 CASES = {
-    # every kernel and constexpr branch at least once, the widest blocks, float32/bfloat16/float16
-    "ci": {
-        "attention": [
-            AttentionCase(16, 200, 128, (80, 40), "sigmoid", "none", "padded", "bfloat16"),
-            AttentionCase(16, 200, 128, (80, 40), "dice", "softmax", "jagged", "float32", grad_scores=True),
-            AttentionCase(16, 50, 32, (24,), "prelu", "softmax", "padded", "float16"),
-            AttentionCase(16, 50, 32, (24, 12), "relu", "none", "jagged", "float32"),
-            AttentionCase(16, 50, 32, (24, 12), "dice", "none", "padded", "bfloat16", training=False),
-            AttentionCase(16, 30, 256, (80, 40), "sigmoid", "softmax", "padded", "bfloat16"),
-            AttentionCase(16, 30, 256, (80, 40), "sigmoid", "none", "padded", "float32"),  # refused on sm_90
-        ],
-        "dice": [DiceCase(4096, 200, "bfloat16", mask=True, affine=True), DiceCase(4096, 80, "float32"),
-                 DiceCase(4096, 3, "float16", alpha_scalar=True)],
-        "mba": [MBACase(100_000, 64, 4096, "float32"), MBACase(1000, 300, 512, "bfloat16")],
-    },
-    "gpu": {
-        "attention": _GPU_ATT,
-        "dice": [DiceCase(4_194_304 // 64, 200, "bfloat16"), DiceCase(1_048_576 // 64, 80, "float32"),
-                 DiceCase(65536, 200, "bfloat16", mask=True)],
-        "mba": [MBACase(100_000, 64, 4096, "float32")],
-    },
+    "attention": [
+        AttentionCase(16, 200, 128, (80, 40), "sigmoid", "none", "padded", "bfloat16"),
+        AttentionCase(16, 200, 128, (80, 40), "dice", "softmax", "jagged", "float32", grad_scores=True),
+        AttentionCase(16, 50, 32, (24,), "prelu", "softmax", "padded", "float16"),
+        AttentionCase(16, 50, 32, (24, 12), "relu", "none", "jagged", "float32"),
+        AttentionCase(16, 50, 32, (24, 12), "dice", "none", "padded", "bfloat16", training=False),
+        AttentionCase(16, 30, 256, (80, 40), "sigmoid", "softmax", "padded", "bfloat16"),
+        AttentionCase(16, 30, 256, (80, 40), "sigmoid", "none", "padded", "float32"),  # refused on sm_90
+    ],
+    "dice": [DiceCase(4096, 200, "bfloat16", mask=True, affine=True), DiceCase(4096, 80, "float32"),
+             DiceCase(4096, 3, "float16", alpha_scalar=True)],
+    "mba": [MBACase(100_000, 64, 4096, "float32"), MBACase(1000, 300, 512, "bfloat16")],
 }
 
 
@@ -300,7 +284,7 @@ _SHOWN = ("PREC", "MODE", "SPLIT_DQ", "LAYER", "NUM_LAYERS", "BLOCK_T", "BLOCK_D
 def markdown(meta: dict, rows: list[dict]) -> str:
     """One table row per compiled kernel (and the refused cases), for ``benchmarks/results``."""
     out = [f"# Triton kernels compiled for sm_{meta['arch']} (no GPU: `python benchmarks/compile_check.py`)", "",
-           f"triton {meta['triton']}, torch {meta['torch']}, case set `{meta['set']}`: {meta['kernels']} kernels in "
+           f"triton {meta['triton']}, torch {meta['torch']}: {meta['kernels']} kernels in "
            f"{meta['seconds']} s, {meta['errors']} failed, {meta['spilling']} with register spills; "
            f"{meta['unsupported']} cases refused by the backend (shared memory). Shared memory per block on sm_90: "
            "232448 bytes.", "",
@@ -323,19 +307,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--set", choices=sorted(CASES), default="ci")
     p.add_argument("--ops", default=",".join(RUNNERS), help="comma-separated subset of " + ",".join(RUNNERS))
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an integer (90 = sm_90)")
     p.add_argument("--out", help="write the rows as JSON lines to this file (and a markdown table next to it, .md)")
-    p.add_argument("--cache-dir", help="Triton cache folder to fill (default: a fresh temporary one)")
     args = p.parse_args(argv)
 
-    tmp_cache = None
-    if args.cache_dir:
-        os.environ["TRITON_CACHE_DIR"] = os.path.abspath(args.cache_dir)
-    else:
-        tmp_cache = tempfile.TemporaryDirectory(prefix="din_kernels_compile_")
-        os.environ["TRITON_CACHE_DIR"] = tmp_cache.name
+    tmp_cache = tempfile.TemporaryDirectory(prefix="din_kernels_compile_")
+    os.environ["TRITON_CACHE_DIR"] = tmp_cache.name
 
     import torch
     import triton
@@ -346,14 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(ptxas):
         sys.exit(f"compile_check: Triton's ptxas is missing at {ptxas}")
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", args.arch, 32)))
-    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}, set {args.set!r}")
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}")
     gen = torch.Generator().manual_seed(0)
     rec = Recorder(ptxas, args.arch)
     t0 = time.perf_counter()
     try:
         with rec:
             for op in args.ops.split(","):
-                for case in CASES[args.set][op]:
+                for case in CASES[op]:
                     rec.case = f"{op} {case}"
                     print(rec.case, flush=True)
                     try:
@@ -363,14 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  unsupported: {e}", flush=True)
     finally:
         driver.set_active(None)  # back to the default driver, created on first use
-        if tmp_cache is not None:
-            tmp_cache.cleanup()
+        tmp_cache.cleanup()
     total = time.perf_counter() - t0
     unsupported = [r for r in rec.rows if "unsupported" in r]
     errors = [r for r in rec.rows if "error" in r]
     spilled = [r for r in rec.rows if r.get("spill_stores", 0) > 0]
     meta = {"summary": True, "triton": triton.__version__, "torch": torch.__version__, "arch": args.arch,
-            "set": args.set, "kernels": len(rec.rows) - len(unsupported), "unsupported": len(unsupported),
+            "kernels": len(rec.rows) - len(unsupported), "unsupported": len(unsupported),
             "errors": len(errors), "spilling": len(spilled),
             "seconds": round(total, 1)}
     if args.out:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,20 +24,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "sm90.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--set", "ci",
-                           "--arch", "90", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--arch", "90",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def _estimate(row) -> int:
-    c = row["constexprs"]
-    kind = {"_target_attention_fwd_kernel": "fwd", "_target_attention_stats_kernel": "stats",
-            "_target_attention_bwd_kernel": "bwd"}[row["kernel"]]
-    return tra._smem_estimate(kind, c["PREC"], int(c.get("NUM_LAYERS", 2)), int(c["BLOCK_D"]), int(c["BLOCK_H1"]),
-                              int(c["BLOCK_H2"]), int(c["BLOCK_T"]), int(c.get("MODE", 0)),
-                              c.get("SPLIT_DQ") == "True", int(c.get("LAYER", 1)))
+    """The backend's own estimate (``_config_smem``, what ``_prune`` uses) for a compiled attention kernel."""
+    kwargs = {k: (v == "True" if v in ("True", "False") else v if k == "PREC" else int(v))
+              for k, v in row["constexprs"].items()}
+    return tra._config_smem(SimpleNamespace(kwargs={"BLOCK_T": kwargs["BLOCK_T"]}), kwargs)
 
 
 def test_every_kernel_compiles_for_sm90(rows):

@@ -64,15 +64,15 @@ def dice_forward(x, alpha, mean, var, weight, bias, eps):
     return y.mul_(1 - alpha).add_(alpha).mul_(x)
 
 
-def dice_act(x, alpha, mean, var, weight, bias, eps):
-    """``(y, p, u, r)`` of Dice with the given statistics."""
+def _gate(x, mean, var, weight, bias, eps):
+    """``(p, u, r)``: the gate ``p = sigmoid(weight * u + bias)``, ``u = (x - mean) * r``, ``r = 1 / sqrt(var + eps)``
+    (the masked backward's terms; ``y`` itself comes from :func:`dice_forward`)."""
     r = torch.rsqrt(var + eps)
     u = (x - mean) * r
     a = u if weight is None else u * weight
     if bias is not None:
         a = a + bias
-    p = torch.sigmoid(a)
-    return x * (alpha + (1 - alpha) * p), p, u, r
+    return torch.sigmoid(a), u, r
 
 
 def _dice_bwd_unmasked(dy, x, alpha, mean, var, weight, bias, training, eps):
@@ -96,14 +96,14 @@ def _dice_bwd_unmasked(dy, x, alpha, mean, var, weight, bias, training, eps):
         dbias = None if bias is None else gp.sum(dims)
     if alpha.numel() == 1:
         dalpha = dalpha.sum().reshape(alpha.shape)
-    return dx, dalpha, dweight if weight is not None else None, dbias if bias is not None else None
+    return dx, dalpha, dweight, dbias  # the unrequested ones are None
 
 
 def dice_bwd(dy, x, alpha, mean, var, weight, bias, mask, training, eps, count=None):
     """``(dx, d alpha, d weight or None, d bias or None)``; ``alpha``'s gradient is summed to its shape."""
     if mask is None and x.numel() > 0:
         return _dice_bwd_unmasked(dy, x, alpha, mean, var, weight, bias, training, eps)
-    _, p, u, r = dice_act(x, alpha, mean, var, weight, bias, eps)
+    p, u, r = _gate(x, mean, var, weight, bias, eps)
     dims = reduce_dims(x)
     gp = dy * x * (1 - alpha) * p * (1 - p)  # dL/d(pre-sigmoid)
     g = gp if weight is None else gp * weight  # dL/du

@@ -86,6 +86,8 @@ Computation is in float32; the outputs are stored in the input dtypes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -152,7 +154,13 @@ def _smem_limit(device: torch.device | None = None) -> int:
     target of ``benchmarks/compile_check.py``)."""
     if device is not None and device.type != "cuda" or not torch.cuda.is_available():
         return SM90_SMEM_PER_BLOCK
-    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _cuda_smem_limit(index)
+
+
+@functools.cache
+def _cuda_smem_limit(index: int) -> int:  # checked on every call of the backend: looked up once per device
+    props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", SM90_SMEM_PER_BLOCK))
 
 
@@ -645,30 +653,28 @@ def _target_attention_bwd_kernel(
                     g1 = tl.where(valid[:, None], g1, 0.0)
                     sg_acc += tl.sum(g1, 0)
                     sgu_acc += tl.sum(g1 * u1, 0)
-                elif MODE == 3:
+                else:  # MODE 0 or 3
                     G = tl.where(valid[:, None], G, 0.0)
-                    G_hi = _hi(G, PREC)
-                    dq_acc += tl.sum(K * _mm(G_hi, _lo(G, G_hi, PREC), Wp_hi, Wp_lo, PREC, INTERP), 0)
-                else:
-                    G = tl.where(valid[:, None], G, 0.0)
-                    da1_acc += tl.sum(tl.where(valid[:, None], da1, 0.0), 0)
-                    dwl_acc += tl.sum(ds[:, None] * h2, 0)
-                    dbl_acc += ds
                     G_hi = _hi(G, PREC)
                     G_lo = _lo(G, G_hi, PREC)
-                    dK = _mm(G_hi, G_lo, M_hi, M_lo, PREC, INTERP)
-                    if HAS_GO:
-                        dK += w[:, None] * go[None, :]
-                    tl.store(dk_ptr + rows[:, None] * D + d[None, :], dK, mask=valid[:, None] & (d[None, :] < D))
-                    K_hi = _hi(K, PREC)
-                    K_lo = _lo(K, K_hi, PREC)
-                    dA_acc += _mm(tl.trans(G_hi), tl.trans(G_lo), K_hi, K_lo, PREC, INTERP)
-                    Kq = K * q[None, :]
-                    Kq_hi = _hi(Kq, PREC)
-                    dWp_acc += _mm(tl.trans(G_hi), tl.trans(G_lo), Kq_hi, _lo(Kq, Kq_hi, PREC), PREC, INTERP)
                     if WANT_DQ:
                         dq_acc += tl.sum(K * _mm(G_hi, G_lo, Wp_hi, Wp_lo, PREC, INTERP), 0)
-                    dc_acc += tl.sum(G, 0)
+                    if MODE == 0:
+                        da1_acc += tl.sum(tl.where(valid[:, None], da1, 0.0), 0)
+                        dwl_acc += tl.sum(ds[:, None] * h2, 0)
+                        dbl_acc += ds
+                        dK = _mm(G_hi, G_lo, M_hi, M_lo, PREC, INTERP)
+                        if HAS_GO:
+                            dK += w[:, None] * go[None, :]
+                        tl.store(dk_ptr + rows[:, None] * D + d[None, :], dK,
+                                 mask=valid[:, None] & (d[None, :] < D))
+                        K_hi = _hi(K, PREC)
+                        K_lo = _lo(K, K_hi, PREC)
+                        dA_acc += _mm(tl.trans(G_hi), tl.trans(G_lo), K_hi, K_lo, PREC, INTERP)
+                        Kq = K * q[None, :]
+                        Kq_hi = _hi(Kq, PREC)
+                        dWp_acc += _mm(tl.trans(G_hi), tl.trans(G_lo), Kq_hi, _lo(Kq, Kq_hi, PREC), PREC, INTERP)
+                        dc_acc += tl.sum(G, 0)
         if WANT_DQ:
             tl.store(dq_ptr + b * D + d, dq_acc, mask=d < D)
         if MODE == 0:
