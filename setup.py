@@ -53,7 +53,7 @@ setup(
     packages=find_packages(include=["din_kernels", "din_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton>=3.2"], "data": ["pandas", "pyarrow", "scikit-learn", "tqdm", "matplotlib"]},
+    extras_require={"triton": ["triton>=3.2"], "train": ["pandas", "scikit-learn", "tqdm"], "plots": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

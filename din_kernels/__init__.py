@@ -1,7 +1,7 @@
 """din_kernels: fast, faithful Deep Interest Network (DIN) ops for PyTorch.
 
 Public names (SPEC.md): TargetAttention, target_attention, Dice, dice, mba_l2_, MBAEmbedding; the models DIN and
-BaseModel.
+BaseModel; load_run, a saved training run.
 """
 
 from .backend import BACKENDS, BackendUnavailableError, checks, checks_enabled, set_checks
@@ -9,6 +9,7 @@ from .nn import DIN, BaseModel, Dice, MBAEmbedding, TargetAttention
 from .ops.attention import target_attention
 from .ops.dice import dice
 from .ops.mba import mba_counts, mba_l2_
+from .runs import load_run
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "checks",
     "checks_enabled",
     "dice",
+    "load_run",
     "mba_counts",
     "mba_l2_",
     "set_checks",

@@ -1,10 +1,14 @@
-"""Evaluation metrics of the paper (section 6.3): AUC, GAUC (eq. 10), logloss and RelaImpr (eq. 11)."""
+"""Evaluation metrics of the paper (section 6.3): AUC, GAUC (eq. 10), logloss and RelaImpr (eq. 11).
+
+AUC and logloss call scikit-learn, GAUC pandas (the ``train`` extra); they are imported on first use, so this module
+imports with the core alone.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
-from sklearn.metrics import log_loss, roc_auc_score
+
+from ._extras import require
 
 
 def _np(x) -> np.ndarray:
@@ -13,7 +17,7 @@ def _np(x) -> np.ndarray:
 
 def auc(labels, scores) -> float:
     """ROC AUC (``sklearn.metrics.roc_auc_score``); ``labels`` ``[S]`` in {0, 1}, ``scores`` ``[S]``."""
-    return float(roc_auc_score(_np(labels), _np(scores)))
+    return float(require("sklearn.metrics", "train").roc_auc_score(_np(labels), _np(scores)))
 
 
 def gauc(users, labels, scores) -> float:
@@ -21,6 +25,7 @@ def gauc(users, labels, scores) -> float:
     impressions are all of one class are skipped. Vectorised: per-user average ranks (ties share their mean rank)
     give each user's Mann-Whitney AUC in one pass. ``users``, ``labels``, ``scores``: ``[S]``. NaN when no user has
     both classes."""
+    pd = require("pandas", "train")
     frame = pd.DataFrame({"u": _np(users), "y": _np(labels).astype(np.float64), "s": _np(scores).astype(np.float64)})
     if len(frame) != len(_np(labels)) or len(frame) != len(_np(scores)):
         raise ValueError(f"users, labels and scores must have one length, got {len(_np(users))}, "
@@ -38,6 +43,7 @@ def gauc(users, labels, scores) -> float:
 
 def logloss(labels, probs, eps: float = 1e-7) -> float:
     """Mean binary cross entropy of the click probabilities ``probs`` ``[S]`` (clipped to [eps, 1 - eps])."""
+    log_loss = require("sklearn.metrics", "train").log_loss
     return float(log_loss(_np(labels), np.clip(_np(probs).astype(np.float64), eps, 1 - eps), labels=[0, 1]))
 
 

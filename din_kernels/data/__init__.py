@@ -1,13 +1,24 @@
-"""Datasets in one layout (:class:`SeqData`): ``synthetic`` (the default), ``amazon`` and ``movielens``."""
+"""Datasets in one layout (:class:`SeqData`): ``synthetic`` (the default), ``amazon`` and ``movielens``.
+
+``synthetic`` needs the core only (numpy); the raw-file readers ``amazon`` and ``movielens`` use pandas (the ``train``
+extra) and are imported when first used.
+"""
 
 from __future__ import annotations
 
-from .amazon import load_amazon
+import importlib
+
 from .core import SeqData
-from .movielens import load_movielens
 from .synthetic import SyntheticConfig, generate_synthetic
 
 DATASETS = ("synthetic", "amazon", "movielens")
+_READERS = {"load_amazon": ".amazon", "load_movielens": ".movielens"}
+
+
+def __getattr__(name: str):
+    if name in _READERS:
+        return getattr(importlib.import_module(_READERS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_dataset(name: str, data_dir: str | None = None, seed: int = 0, max_len: int = 50,
@@ -21,7 +32,7 @@ def load_dataset(name: str, data_dir: str | None = None, seed: int = 0, max_len:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     if data_dir is None:
         raise ValueError(f"dataset {name!r} needs --data-dir, the folder of its raw files")
-    loader = load_amazon if name == "amazon" else load_movielens
+    loader = __getattr__("load_amazon" if name == "amazon" else "load_movielens")
     return loader(data_dir, max_len=max_len, seed=seed)
 
 

@@ -19,10 +19,12 @@ import gzip
 import os
 
 import numpy as np
-import pandas as pd
 
+from .._extras import require
 from ..nn.din import FeatureSchema, Field
 from .core import SeqData, cache_path, make_split, sample_negatives, sequences_from_frame
+
+pd = require("pandas", "train")
 
 REVIEWS = "reviews_Electronics_5.json"
 META = "meta_Electronics.json"

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..nn.din import FeatureSchema, Field
+from ..nn.din import FeatureSchema
 from ..ops.mba import mba_counts
 
 SPLITS = ("train", "val", "test")
@@ -142,8 +142,7 @@ class SeqData:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["__meta__"]))
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        sch = meta["schema"]
-        schema = FeatureSchema(**{k: tuple(Field(**f) for f in v) for k, v in sch.items()})
+        schema = FeatureSchema.from_dict(meta["schema"])
         splits: dict[str, dict[str, np.ndarray]] = {}
         multi = {}
         for k, v in arrays.items():

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pandas as pd
 
+from .._extras import require
 from ..nn.din import FeatureSchema, Field
 from .core import SeqData, cache_path, make_split, sequences_from_frame
+
+pd = require("pandas", "train")
 
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",

@@ -74,6 +74,13 @@ class FeatureSchema:
         if clash:
             raise ValueError(f"multi-hot field names {sorted(clash)} clash with batch keys {sorted(reserved)}")
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> FeatureSchema:
+        """The schema ``dataclasses.asdict(schema)`` gave (as a checkpoint or a data cache stores it): each group a
+        sequence of ``{name, vocab_size, embed_dim}`` (or of :class:`Field`)."""
+        return cls(**{group: tuple(f if isinstance(f, Field) else Field(**f) for f in group_fields)
+                      for group, group_fields in fields.items()})
+
     def all_fields(self) -> tuple[Field, ...]:
         return self.item_fields + self.user_fields + self.user_multi_fields + self.context_fields
 
@@ -143,6 +150,20 @@ class BaseModel(nn.Module):
         self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.mlp_acts = nn.ModuleList(_mlp_activation(activation, h, backend) for h in widths[1:])
         self.out = nn.Linear(widths[-1], 1)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: torch.device | str | None = None,
+                        backend: str | None = None) -> BaseModel:
+        """The model a ``python -m din_kernels train`` run saved, rebuilt from its schema and settings and loaded,
+        in eval mode on ``device`` (default: the CPU). ``path`` is the run's folder or its ``model.pt``;
+        ``backend`` replaces the run's own (e.g. ``"auto"`` for a run trained with ``"triton"``). See
+        :func:`din_kernels.load_run`."""
+        from ..runs import load_model
+
+        model = load_model(path, device, backend)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path!r} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
 
     def set_mba(self, lam: float, counts: dict[str, Tensor] | None = None) -> None:
         """Sets the MBA strength of every table and, when given, its counts ``{table: [K]}``."""
