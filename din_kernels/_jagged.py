@@ -1,8 +1,25 @@
-"""Jagged (values + offsets, TorchRec's layout) <-> padded conversions shared by the reference and torch paths."""
+"""Jagged (values + offsets, TorchRec's layout) <-> padded conversions shared by the reference and torch paths.
+
+Memory safety does not depend on the value checks (SPEC section 5): every function here first clamps what it reads
+of ``lengths`` (to ``[0, T]``) and ``offsets`` (to ``[0, N]``, then non-decreasing), which leaves valid input
+unchanged, and rows of an invalid partition that no sample covers are dropped (weight 0, gradient 0). No shape here
+depends on the values of ``offsets`` except the padded length ``T`` when it is not given.
+"""
 
 from __future__ import annotations
 
 import torch
+
+
+def safe_lengths(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """``lengths`` [B] clamped to ``[0, T]`` (int64)."""
+    return lengths.long().clamp(0, T)
+
+
+def safe_offsets(offsets: torch.Tensor, N: int) -> torch.Tensor:
+    """``offsets`` [B + 1] clamped to ``[0, N]`` and made non-decreasing (running maximum), int64."""
+    off = offsets.long().clamp(0, N)
+    return torch.cummax(off, 0).values if off.numel() else off
 
 
 def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
@@ -17,16 +34,34 @@ def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def jagged_index(offsets: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row and column of each of the ``N`` jagged rows in the padded layout, and the lengths.
+class JaggedIndex:
+    """Where each of the ``N`` jagged rows sits in the padded layout, for offsets made safe by :func:`safe_offsets`.
 
-    Returns ``(b_idx [N], t_idx [N], lengths [B])``.
+    Attributes:
+        offsets: ``[B + 1]`` the safe offsets; ``lengths`` ``[B]``.
+        b_idx, t_idx: ``[N]`` the sample and the position of each row; rows no sample covers (only with invalid
+            offsets) point at a scratch sample ``B``, position 0.
+        valid: ``[N]`` bool, False at those uncovered rows.
     """
-    lengths = lengths_from_offsets(offsets)
-    B = lengths.shape[0]
-    b_idx = torch.repeat_interleave(torch.arange(B, device=offsets.device), lengths, output_size=N)
-    t_idx = torch.arange(N, device=offsets.device) - offsets[:-1].long()[b_idx]
-    return b_idx, t_idx, lengths
+
+    def __init__(self, offsets: torch.Tensor, N: int) -> None:
+        self.offsets = off = safe_offsets(offsets, N)
+        self.lengths = lengths_from_offsets(off)
+        B = self.lengths.shape[0]
+        rows = torch.arange(N, device=offsets.device)
+        if B == 0:
+            self.b_idx = rows.new_zeros(N)
+            self.valid = torch.zeros(N, dtype=torch.bool, device=offsets.device)
+            self.t_idx = rows.new_zeros(N)
+            return
+        b = torch.searchsorted(off[1:].contiguous(), rows, right=True)  # off[b] <= n < off[b + 1]
+        self.valid = (rows >= off[0]) & (b < B)
+        self.b_idx = torch.where(self.valid, b, B)
+        self.t_idx = torch.where(self.valid, rows - off[b.clamp_max(B - 1)], 0)
+
+    @property
+    def B(self) -> int:
+        return self.lengths.shape[0]
 
 
 def max_length(lengths: torch.Tensor) -> int:
@@ -34,20 +69,40 @@ def max_length(lengths: torch.Tensor) -> int:
 
 
 def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, T: int | None = None):
-    """``values`` [N, ...] -> ``(padded [B, T, ...], lengths [B], (b_idx, t_idx))`` with zero padding."""
-    b_idx, t_idx, lengths = jagged_index(offsets, values.shape[0])
+    """``values`` [N, ...] -> ``(padded [B, T, ...], lengths [B], index)`` with zero padding; ``T`` defaults to the
+    longest sequence (a host sync). ``index`` (:class:`JaggedIndex`) maps back with :func:`padded_to_jagged`."""
+    index = JaggedIndex(offsets, values.shape[0])
     if T is None:
-        T = max_length(lengths)
-    padded = values.new_zeros((lengths.shape[0], T) + tuple(values.shape[1:]))
-    padded[b_idx, t_idx] = values
-    return padded, lengths, (b_idx, t_idx)
+        T = max_length(index.lengths)
+    lengths = index.lengths.clamp_max(T)
+    valid = index.valid & (index.t_idx < T)
+    b_idx = torch.where(valid, index.b_idx, index.B)
+    t_idx = torch.where(valid, index.t_idx, 0)
+    padded = values.new_zeros((index.B + 1, max(T, 1)) + tuple(values.shape[1:]))
+    padded[b_idx, t_idx] = values  # uncovered rows land in the scratch sample B
+    index.b_idx, index.t_idx, index.valid = b_idx, t_idx, valid
+    return padded[: index.B, :T], lengths, index
 
 
-def padded_to_jagged(padded: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`jagged_to_padded` given its ``(b_idx, t_idx)``."""
-    return padded[index[0], index[1]]
+def padded_to_jagged(padded: torch.Tensor, index: JaggedIndex) -> torch.Tensor:
+    """Inverse of :func:`jagged_to_padded` given its ``index``: ``[N, ...]``, zero at uncovered rows."""
+    B, T = padded.shape[:2]
+    b = index.b_idx.clamp_max(max(B - 1, 0))
+    t = index.t_idx.clamp_max(max(T - 1, 0))
+    if B == 0 or T == 0:
+        return padded.new_zeros((index.b_idx.shape[0],) + tuple(padded.shape[2:]))
+    rows = padded[b, t]
+    keep = index.valid.reshape((-1,) + (1,) * (rows.dim() - 1))
+    return torch.where(keep, rows, 0)
 
 
 def padded_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     """``[B, T]`` bool, True at the valid positions t < lengths[b]."""
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]``: the sum of each sample's rows of ``values`` [N, ...] (memory-safe for any ``offsets``)."""
+    index = JaggedIndex(offsets, values.shape[0])
+    out = values.new_zeros((index.B + 1,) + tuple(values.shape[1:]))
+    return out.index_add_(0, index.b_idx, values)[: index.B]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -64,11 +64,11 @@ def _triton_reason(device: torch.device) -> str | None:
 
 
 def _extension_reason(device: torch.device, name: str) -> str | None:
-    if importlib.util.find_spec("din_kernels._C") is None:
-        return "the compiled extension din_kernels._C is not built (install with a CUDA-capable torch and nvcc)"
     if device.type != name:
         return f"the {name!r} backend runs on {name} tensors (got {device.type!r})"
-    return None
+    from . import _extension
+
+    return _extension.unavailable_reason(name)
 
 
 def unavailable_reason(backend: str, device: torch.device, op: str) -> str | None:
@@ -82,21 +82,25 @@ def unavailable_reason(backend: str, device: torch.device, op: str) -> str | Non
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve(backend: str, device: torch.device, op: str, supported: tuple[str, ...]) -> str:
+def resolve(backend: str, device: torch.device, op: str, supported: tuple[str, ...],
+            covers: Callable[[str], bool] | None = None) -> str:
     """Turn ``backend`` into the concrete backend that runs ``op`` on ``device``.
 
     Args:
         backend: one of :data:`BACKENDS`.
         device: the device of the op's tensors.
         op: the op family's name, for messages.
-        supported: the concrete backends that implement ``op``, fastest first for ``"auto"``.
+        supported: the concrete backends that implement ``op``.
+        covers: for ``"auto"``, whether a backend covers this call's sizes and dtypes (all when None); ``"auto"``
+            takes the first available backend that does, in the order fastest first for the device type.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+        # CUDA: Triton first until a GPU has measured the compiled CUDA kernels against it
+        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
         for name in order:
-            if name in supported and unavailable_reason(name, device, op) is None:
+            if name in supported and unavailable_reason(name, device, op) is None and (covers is None or covers(name)):
                 return name
         return "torch"
     if backend not in supported:

@@ -1,47 +1,9 @@
-"""The torch.library registration of target attention: opcheck, torch.compile(fullgraph=True), the dispatch."""
+"""Target attention under torch.compile(fullgraph=True), and the dispatch (opcheck: tests/test_contract.py)."""
 
 import pytest
 import torch
-from helpers import attention_case
 
 import din_kernels as dk
-from din_kernels.ops.attention import target_attention_bwd_torch, target_attention_fwd_torch
-
-
-def _fwd_args(case, layout, activation, normalization, training):
-    q, k = case.query.float(), case.keys.float()
-    if layout == "padded":
-        lengths, offsets = case.lengths, None
-    else:
-        k, lengths, offsets = case.jagged_keys().float(), None, case.offsets
-    f = lambda xs: [x.float() for x in xs]  # noqa: E731
-    return (q, k, lengths, offsets, f(case.weights), f(case.biases), f(case.act_weights), f(case.act_means),
-            f(case.act_vars), activation, normalization, 0.9, training, 1e-8, True)
-
-
-@pytest.mark.parametrize("layout", ["padded", "jagged"])
-@pytest.mark.parametrize("activation,normalization,training", [
-    ("sigmoid", "none", False), ("prelu", "softmax", False), ("dice", "softmax", True), ("dice", "none", False),
-])
-def test_opcheck_forward_and_backward(layout, activation, normalization, training):
-    case = attention_case(B=4, T=5, D=3, hidden=(6, 4), activation=activation, seed=20)
-    args = list(_fwd_args(case, layout, activation, normalization, training))
-    for i in (0, 1, 4, 5, 6):  # query, keys, weights, biases, act_weights get gradients
-        args[i] = [x.requires_grad_() for x in args[i]] if isinstance(args[i], list) else args[i].requires_grad_()
-    torch.library.opcheck(target_attention_fwd_torch, tuple(args))
-    out, w, _, z1 = target_attention_fwd_torch(*args)
-    inputs = [_detach(a) for a in args]
-    for saved in (z1.detach(), z1.new_empty(0)):  # the forward's z1, or none (recomputed)
-        bwd_args = (torch.randn_like(out), torch.randn_like(w), *inputs[:9], saved, *inputs[9:14])
-        torch.library.opcheck(target_attention_bwd_torch, bwd_args)
-
-
-def _detach(a):
-    if isinstance(a, torch.Tensor):
-        return a.detach()
-    if isinstance(a, list):
-        return [x.detach() for x in a]
-    return a
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "dice"])

@@ -31,7 +31,8 @@ def _call(**over):
     ({"lengths": torch.tensor([-1, 2])}, ValueError, r"lengths.*\[-1, 2\]"),
     ({"lengths": torch.tensor([1.0, 2.0])}, TypeError, r"lengths.*int32 or int64.*float32"),
     ({"query": torch.randn(2, 3, dtype=torch.float64).to(torch.int64)}, TypeError, r"query.*int64"),
-    ({"lengths": None}, ValueError, r"lengths.*offsets"),
+    ({"lengths": None, "keys": torch.randn(2, 3)}, ValueError, r"exactly one of lengths.*offsets"),
+    ({"offsets": torch.tensor([0, 1, 4])}, ValueError, r"exactly one of lengths.*offsets"),
     ({"normalization": "sparsemax"}, ValueError, r"normalization.*sparsemax"),
     ({"activation": "gelu"}, ValueError, r"activation.*gelu"),
     ({"weights": _params(D=2)[0]}, ValueError, r"weights\[0\].*\[H, 12\].*\(4, 8\)"),
@@ -41,6 +42,13 @@ def _call(**over):
 def test_attention_bad_input(over, exc, pattern):
     with pytest.raises(exc, match=pattern):
         _call(**over)
+
+
+def test_padded_keys_without_lengths_are_all_valid():
+    W, b = _params()
+    q, k = torch.randn(2, 3), torch.randn(2, 4, 3)
+    torch.testing.assert_close(dk.target_attention(q, k, W, b, backend="torch"),
+                               dk.target_attention(q, k, W, b, torch.tensor([4, 4]), backend="torch"))
 
 
 @pytest.mark.parametrize("offsets,pattern", [

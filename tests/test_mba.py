@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from conftest import assert_close
 
 import din_kernels as dk
-from din_kernels.ops import mba as mba_ops
 from din_kernels.reference.mba import mba_l2_ref
 from din_kernels.triton import mba as triton_mba
 
@@ -249,27 +248,6 @@ def test_mba_counts():
 
 
 # ---------------------------------------------------------------------------------------------- registration
-
-def _opcheck_mba(backend, device="cpu"):
-    weight, grad, ids, counts = (t.to(device) for t in make_case(14, torch.float32))
-    op = getattr(mba_ops, f"mba_l2_dense_{backend}")
-    torch.library.opcheck(op, (weight, grad, ids, counts, 0.3, 0))
-    if backend == "triton":
-        segments = triton_mba.sort_segments(ids)
-        go = torch.randn(ids.numel(), D, device=device)
-        torch.library.opcheck(mba_ops.mba_embedding_bwd_triton, (go, *segments, weight, counts, 0.3, None))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    _opcheck_mba(backend)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_gpu(backend):
-    _opcheck_mba(backend, "cuda")
-
 
 # -------------------------------------------------------------------------------------------------- bad input
 

@@ -9,7 +9,6 @@ import torch
 from helpers import assert_runs_close, attention_case, backend_factor, compare_to_reference, rounded_case, run_attention
 
 import din_kernels as dk
-from din_kernels.ops.attention import triton_ops
 
 pytest.importorskip("triton")
 
@@ -236,38 +235,6 @@ def test_backward_is_deterministic():
             for _ in range(2)]
     for name in runs[0][2]:
         assert torch.equal(runs[0][2][name], runs[1][2][name]), name
-
-
-def _op_args(case, layout, activation, normalization, training):
-    q = case.query.float().requires_grad_()
-    if layout == "padded":
-        keys, lengths, offsets = case.keys.float().requires_grad_(), case.lengths, None
-    else:
-        keys, lengths, offsets = case.jagged_keys().float().requires_grad_(), None, case.offsets
-    W = [x.float().requires_grad_() for x in case.weights]
-    b = [x.float().requires_grad_() for x in case.biases]
-    a = [x.float().requires_grad_() for x in case.act_weights]
-    means = [x.float() for x in case.act_means]
-    variances = [x.float() for x in case.act_vars]
-    return (q, keys, lengths, offsets, W, b, a, means, variances, activation, normalization, 0.9, training, 1e-8)
-
-
-@pytest.mark.parametrize(
-    ("layout", "activation", "normalization", "training"),
-    [("padded", "dice", "softmax", True), ("jagged", "prelu", "none", False)],
-)
-def test_opcheck(layout, activation, normalization, training):
-    fwd, bwd = triton_ops()
-    case = attention_case(B=3, T=4, D=3, hidden=(5, 4), activation=activation, seed=16)
-    args = _op_args(case, layout, activation, normalization, training)
-    torch.library.opcheck(fwd, args)
-    with torch.no_grad():
-        outputs = fwd(*args)
-    grad_scores = torch.randn_like(outputs[1])
-    bwd_args = (torch.randn(3, 3), grad_scores, *[
-        x.detach() if isinstance(x, torch.Tensor) else ([t.detach() for t in x] if isinstance(x, list) else x)
-        for x in args[:9]], *outputs[2:], *args[9:])
-    torch.library.opcheck(bwd, bwd_args)
 
 
 def test_torch_compile_fullgraph():

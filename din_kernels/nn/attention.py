@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from .._validate import ACTIVATIONS, NORMALIZATIONS, check_choice
+from ..backend import BACKENDS
 from ..ops.attention import target_attention
-from .dice import Dice
+from .dice import Dice, check_widths
 
 
 def _make_activation(name: str, width: int, backend: str) -> nn.Module:
@@ -27,7 +28,7 @@ class TargetAttention(nn.Module):
 
     Args:
         embed_dim: D.
-        hidden: the MLP's hidden widths ``(H1, ..., Hn)``, n >= 1.
+        hidden: the MLP's hidden widths ``(H1, ..., Hn)``, n >= 1 (an int is one hidden layer).
         activation: ``sigmoid`` (the original code) | ``relu`` | ``prelu`` | ``dice``.
         normalization: ``none`` (the paper: softmax abandoned) | ``softmax`` (the original code).
         softmax_scale: multiplies the scores before the softmax (default 1).
@@ -42,10 +43,13 @@ class TargetAttention(nn.Module):
         super().__init__()
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("normalization", normalization, NORMALIZATIONS)
-        hidden = tuple(int(h) for h in hidden)
-        if not hidden or min(hidden) < 1 or embed_dim < 1:
-            raise ValueError(f"embed_dim and every hidden width must be >= 1, with at least one hidden layer; "
-                             f"got embed_dim={embed_dim}, hidden={hidden}")
+        check_choice("backend", backend, BACKENDS)
+        check_widths("embed_dim", embed_dim)
+        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        if not hidden:
+            raise ValueError("hidden must hold at least one hidden width, got ()")
+        for i, h in enumerate(hidden):
+            check_widths(f"hidden[{i}]", h)
         self.embed_dim, self.hidden = embed_dim, hidden
         self.activation, self.normalization, self.softmax_scale, self.backend = (
             activation, normalization, softmax_scale, backend)
@@ -66,13 +70,26 @@ class TargetAttention(nn.Module):
             act_weights = [a.alpha for a in self.activations]
             means = [a.running_mean for a in self.activations]
             variances = [a.running_var for a in self.activations]
-            eps, momentum = self.activations[0].eps, self.activations[0].momentum
+            eps = self._dice_eps()
+            momentum = [a.momentum for a in self.activations]
         return target_attention(
             query, keys, [m.weight for m in self.layers], [m.bias for m in self.layers], lengths, offsets,
             activation=self.activation, act_weights=act_weights, act_means=means, act_vars=variances,
-            normalization=self.normalization, softmax_scale=self.softmax_scale, training=self.training,
+            normalization=self.normalization, softmax_scale=self.softmax_scale,
+            training=self.training,
             momentum=momentum, dice_eps=eps, return_scores=return_scores, backend=self.backend,
         )
+
+    def _dice_eps(self) -> float:
+        """The one ``eps`` of the Dice layers (the fused kernels take one); raises for what they do not cover."""
+        eps = {float(a.eps) for a in self.activations}
+        if len(eps) > 1:
+            raise ValueError(f"TargetAttention's Dice layers must share one eps, got "
+                             f"{[a.eps for a in self.activations]}")
+        if any(a.affine for a in self.activations):
+            raise ValueError("TargetAttention's fused Dice has no affine variant (weight/bias inside the sigmoid); "
+                             "use Dice(affine=False) for the attention's hidden layers")
+        return eps.pop()
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, hidden={self.hidden}, activation={self.activation!r}, "

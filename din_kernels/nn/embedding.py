@@ -3,72 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backend as _backend
 from .._validate import check_index
-from ..ops.mba import check_id_range, distinct_ids, mba_embedding_bwd_triton, mba_rows
+from ..ops import mba as _mba
 
-SUPPORTED = ("torch", "triton")
-
-
-class _MBAEmbeddingFunction(torch.autograd.Function):
-    """Lookup forward; backward = the embedding's gradient scatter plus ``lam * W[j] / n[j]`` per distinct id."""
-
-    @staticmethod
-    def forward(ctx, weight, ids, counts, lam, padding_idx, sparse):
-        distinct = distinct_ids(ids, padding_idx)
-        ctx.save_for_backward(ids, distinct, counts, weight)
-        ctx.lam, ctx.padding_idx, ctx.sparse = lam, padding_idx, sparse
-        return F.embedding(ids, weight, padding_idx)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        ids, distinct, counts, weight = ctx.saved_tensors
-        flat_ids = ids.reshape(-1)
-        flat_grad = grad_out.reshape(-1, weight.shape[1])
-        if ctx.padding_idx is not None:
-            keep = flat_ids != ctx.padding_idx
-            flat_ids, flat_grad = flat_ids[keep], flat_grad[keep]
-        if ctx.lam:
-            rows = mba_rows(weight.detach(), distinct, counts, ctx.lam)[0].to(weight.dtype)
-        else:
-            distinct, rows = distinct[:0], weight.new_empty(0, weight.shape[1])
-        if ctx.sparse:
-            index = torch.cat([flat_ids, distinct]).unsqueeze(0)
-            values = torch.cat([flat_grad.to(weight.dtype), rows])
-            grad = torch.sparse_coo_tensor(index, values, weight.shape, check_invariants=False)
-            return grad, None, None, None, None, None
-        grad = torch.zeros_like(weight)
-        grad.index_add_(0, flat_ids, flat_grad.to(weight.dtype))
-        grad.index_add_(0, distinct, rows)
-        return grad, None, None, None, None, None
-
-
-class _MBAEmbeddingTritonFunction(torch.autograd.Function):
-    """Lookup forward; backward = one Triton kernel over the distinct ids (sorted once, in the forward) that sums
-    each id's output-gradient rows and adds ``lam * W[j] / n[j]``, writing every touched row once."""
-
-    @staticmethod
-    def forward(ctx, weight, ids, segments, counts, lam, padding_idx, sparse):
-        ctx.save_for_backward(*segments, counts, weight)
-        ctx.lam, ctx.padding_idx, ctx.sparse, ctx.ids_shape = lam, padding_idx, sparse, ids.shape
-        return F.embedding(ids, weight, padding_idx)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        from ..triton import mba as _tmba
-
-        ordered, perm, seg_end, counts, weight = ctx.saved_tensors
-        flat_grad = grad_out.reshape(-1, weight.shape[1])
-        if ctx.sparse:
-            grad = _tmba.embedding_backward_sparse(flat_grad, (ordered, perm, seg_end), weight.detach(), counts,
-                                                   ctx.lam, ctx.padding_idx)
-        else:
-            grad = mba_embedding_bwd_triton(flat_grad, ordered, perm, seg_end, weight.detach(), counts, ctx.lam,
-                                            ctx.padding_idx)
-        return grad, None, None, None, None, None, None
+SUPPORTED = _mba.SUPPORTED
 
 
 class MBAEmbedding(nn.Module):
@@ -86,9 +27,11 @@ class MBAEmbedding(nn.Module):
         lam: the regularisation strength (0 disables the term).
         padding_idx: an id whose row gets no gradient and no regularisation.
         sparse: sparse COO gradients (for ``torch.optim.SparseAdam``/``SGD``).
-        backend: ``"auto"`` (``"triton"`` on CUDA when available, else ``"torch"``), ``"torch"`` (scatter-add plus
-            ``index_add_`` of the MBA rows) or ``"triton"`` (the ids sorted once per step on the device, then one
-            kernel over the distinct ids: deterministic, no atomics, no host sync for dense gradients).
+        backend: ``"auto"`` (``"triton"`` on CUDA when available, else ``"torch"``), ``"reference"`` (the
+            scatter-add, then eq. 7 literally), ``"torch"`` (scatter-add plus ``index_add_`` of the MBA rows) or
+            ``"triton"`` (the ids sorted on the device, then one kernel over the distinct ids: deterministic, no
+            atomics, no host sync). Sparse gradients hold one entry per lookup (see
+            :mod:`din_kernels.ops.mba`).
     Attributes:
         last_penalty: ``lam / 2 * sum_j ||W[j]||^2 / n[j]`` of the last forward's distinct ids (for logging).
     """
@@ -125,30 +68,12 @@ class MBAEmbedding(nn.Module):
         for i, t in enumerate(ids):
             check_index(f"ids[{i}]", t)
         flat = torch.cat([t.reshape(-1).long() for t in ids]) if len(ids) > 1 else ids[0]
-        check_id_range(flat, self.num_embeddings)
-        name = _backend.resolve(self.backend, self.weight.device, "MBAEmbedding", SUPPORTED)
-        if name == "triton":
-            from ..triton import mba as _tmba
-
-            needs_grad = torch.is_grad_enabled() and self.weight.requires_grad
-            if needs_grad or self.lam:
-                with torch.no_grad():
-                    segments = _tmba.sort_segments(flat)  # once per step, on the device
-                    if self.lam:
-                        self.last_penalty = _tmba.mba_penalty(segments, self.weight, self.counts, self.lam,
-                                                              self.padding_idx).to(self.weight.dtype)
-            if needs_grad:
-                out = _MBAEmbeddingTritonFunction.apply(self.weight, flat, segments, self.counts, self.lam,
-                                                        self.padding_idx, self.sparse)
-            else:
-                out = F.embedding(flat, self.weight, self.padding_idx)
-        else:
-            out = _MBAEmbeddingFunction.apply(self.weight, flat, self.counts, self.lam, self.padding_idx,
-                                              self.sparse)
-            if self.lam:
-                with torch.no_grad():
-                    self.last_penalty = mba_rows(self.weight, distinct_ids(flat, self.padding_idx), self.counts,
-                                                 self.lam)[1]
+        flat = _mba.check_id_range(flat, self.num_embeddings)
+        fam = _mba.ops(_backend.resolve(self.backend, self.weight.device, "MBAEmbedding", SUPPORTED))
+        if self.lam:
+            with torch.no_grad():
+                self.last_penalty = fam["penalty"](self.weight, flat, self.counts, self.lam, self.padding_idx)
+        out = fam["embedding"](self.weight, flat, self.counts, self.lam, self.padding_idx, self.sparse)
         if len(ids) == 1:
             return out
         parts = out.split([t.numel() for t in ids])

@@ -1,154 +1,231 @@
-"""Target attention: the functional API, the ``torch.library`` ops and the dispatch to a backend.
+"""Target attention: the functional API, the ``torch.library`` ops of every backend and the dispatch.
 
-Each kernel backend owns a pair of ops, ``din_kernels::target_attention_fwd_<backend>`` and ``..._bwd_<backend>``,
-with a fake (meta) implementation and autograd, so ``torch.compile(fullgraph=True)`` traces through them and
-``torch.library.opcheck`` can test them. The ``reference`` backend is plain autograd PyTorch and needs no op.
+Every backend has the same pair of ops, with the schemas ``ATTENTION_FWD`` / ``ATTENTION_BWD`` of
+:mod:`din_kernels.ops.schema` (written once; the C++ extension registers the same strings)::
+
+    din_kernels::target_attention_fwd_<backend>(Tensor query, Tensor keys, Tensor? lengths, Tensor? offsets,
+        Tensor[] weights, Tensor[] biases, Tensor[] act_weights, Tensor[] act_means, Tensor[] act_vars,
+        str activation, str normalization, float scale, bool training, float eps, bool save_z1)
+        -> (Tensor out, Tensor scores, Tensor dice_stats, Tensor scores_acc, Tensor out_acc, Tensor z1)
+    din_kernels::target_attention_bwd_<backend>(Tensor? grad_out, Tensor? grad_scores, <the forward's inputs>,
+        Tensor dice_stats, Tensor scores_acc, Tensor out_acc, Tensor z1, <the options>)
+        -> (Tensor grad_query, Tensor grad_keys, Tensor[] grad_weights, Tensor[] grad_biases,
+            Tensor[] grad_act_weights)
+
+for ``<backend>`` in ``reference``, ``torch`` and ``triton``, and ``din_kernels::target_attention_fwd`` / ``_bwd``
+(no suffix) for the compiled extension, whose one op holds the ``cpu`` and ``cuda`` kernels. Each forward op has a
+fake (meta) implementation and the same autograd formula (it saves the inputs and the last four outputs and calls its
+backward op), so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through all of them, and
+``torch.library.opcheck`` tests them. The Dice running statistics are never written by an op: the functional updates
+them from ``dice_stats`` with ``dice_update_running``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import backend as _backend
+from .._config import MLP, AttentionConfig, AttentionSaved
 from .._validate import check_attention_inputs, check_lengths_values, check_offsets_values
+from ..reference._vjp import vjp
 from ..reference.attention import compute_dtype, target_attention_ref
 from ..torch_impl import attention as _torch_attention
-from .dice import update_running_stats_
+from . import _define
+from .dice import update_running_stats_, warn_if_nonfinite
 
-SUPPORTED = ("reference", "torch", "triton")
-
-
-def _fake_fwd(query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-              normalization, scale, training, eps, save_z1):
-    cd = compute_dtype(query, keys, *weights, *biases, *act_weights)
-    widths = sum(w.shape[0] for w in weights[:-1]) if activation == "dice" and training else 0
-    return (
-        query.new_empty(query.shape),
-        query.new_empty(keys.shape[:-1]),
-        query.new_empty((3, widths), dtype=cd),
-        query.new_empty((*keys.shape[:-1], weights[0].shape[0]) if save_z1 else (0,), dtype=cd),
-    )
+SUPPORTED = ("reference", "torch", "triton", "cpu", "cuda")
+KEEPS_Z1 = ("torch",)  # the backends whose forward keeps the first layer's pre-activation for the backward
 
 
-@torch.library.custom_op("din_kernels::target_attention_fwd_torch", mutates_args=())
-def target_attention_fwd_torch(
-    query: Tensor,
-    keys: Tensor,
-    lengths: Tensor | None,
-    offsets: Tensor | None,
-    weights: list[Tensor],
-    biases: list[Tensor],
-    act_weights: list[Tensor],
-    act_means: list[Tensor],
-    act_vars: list[Tensor],
-    activation: str,
-    normalization: str,
-    scale: float,
-    training: bool,
-    eps: float,
-    save_z1: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(v_U, w, dice_stats, z1)``: see :func:`din_kernels.torch_impl.attention.attention_fwd`."""
-    with torch.no_grad():
-        return _torch_attention.attention_fwd(
-            query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-            normalization, scale, training, eps, save_z1,
-        )
+def _unflatten(args: tuple) -> tuple:
+    """Schema arguments ``(query, keys, lengths, offsets, 5 tensor lists, 5 options, ...)`` -> ``(query, keys,
+    lengths, offsets, MLP, AttentionConfig, rest)``."""
+    query, keys, lengths, offsets, *rest = args
+    mlp = MLP(*(list(x) for x in rest[:5]))
+    cfg = AttentionConfig(*rest[5:10])
+    return query, keys, lengths, offsets, mlp, cfg, rest[10:]
 
 
-target_attention_fwd_torch.register_fake(_fake_fwd)
+def _fwd_shapes(query, keys, weights, activation, normalization, training, z1: bool):
+    """``[(shape, dtype)]`` of the six forward outputs (shared by every fake implementation)."""
+    cd = compute_dtype(query, keys, *weights)
+    B, D = query.shape
+    scores = tuple(keys.shape[:-1])
+    sum_h = sum(int(w.shape[0]) for w in weights[:-1]) if activation == "dice" and training else 0
+    softmax = normalization == "softmax"
+    return [
+        ((B, D), query.dtype),
+        (scores, query.dtype),
+        ((3, sum_h), cd),
+        (scores if softmax else (0,), cd),
+        ((B if softmax else 0, D), cd),
+        ((*scores, int(weights[0].shape[0])) if z1 else (0,), cd),
+    ]
 
 
-@torch.library.custom_op("din_kernels::target_attention_bwd_torch", mutates_args=())
-def target_attention_bwd_torch(
-    grad_out: Tensor | None,
-    grad_scores: Tensor | None,
-    query: Tensor,
-    keys: Tensor,
-    lengths: Tensor | None,
-    offsets: Tensor | None,
-    weights: list[Tensor],
-    biases: list[Tensor],
-    act_weights: list[Tensor],
-    act_means: list[Tensor],
-    act_vars: list[Tensor],
-    z1: Tensor,
-    activation: str,
-    normalization: str,
-    scale: float,
-    training: bool,
-    eps: float,
-) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    dq, dk, dw, db, da = _torch_attention.attention_bwd(
-        grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars,
-        activation, normalization, scale, training, eps, z1,
-    )
-    return dq, dk, dw, db, da
+def _make_fake_fwd(keeps_z1: bool) -> Callable:
+    def fake(query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
+             normalization, scale, training, eps, save_z1):
+        shapes = _fwd_shapes(query, keys, weights, activation, normalization, training, keeps_z1 and save_z1)
+        return tuple(query.new_empty(shape, dtype=dtype) for shape, dtype in shapes)
+
+    return fake
 
 
-@target_attention_bwd_torch.register_fake
-def _(grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, z1,
-      activation, normalization, scale, training, eps):
-    return (
-        torch.empty_like(query),
-        torch.empty_like(keys),
-        [torch.empty_like(w) for w in weights],
-        [torch.empty_like(b) for b in biases],
-        [torch.empty_like(a) for a in act_weights],
-    )
+def _fake_bwd(grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means,
+              act_vars, dice_stats, scores_acc, out_acc, z1, activation, normalization, scale, training, eps):
+    return (torch.empty_like(query), torch.empty_like(keys), [torch.empty_like(w) for w in weights],
+            [torch.empty_like(b) for b in biases], [torch.empty_like(a) for a in act_weights])
 
 
-_FWD_INPUTS = ("query", "keys", "lengths", "offsets", "weights", "biases", "act_weights", "act_means", "act_vars")
-_FWD_ATTRS = ("activation", "normalization", "scale", "training", "eps")
+def _setup_context(ctx, inputs, output) -> None:
+    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(inputs)
+    ctx.cfg = cfg.op_args()
+    means, variances = ([], []) if cfg.training else (mlp.act_means, mlp.act_vars)  # training: written after this
+    ctx.n = (len(mlp.weights), len(mlp.biases), len(mlp.act_weights), len(means), len(variances))
+    ctx.n_stats = (len(mlp.act_means), len(mlp.act_vars))
+    ctx.save_for_backward(query, keys, lengths, offsets, *mlp.weights, *mlp.biases, *mlp.act_weights, *means,
+                          *variances, *output[2:])
 
 
-def _remember(ctx, inputs) -> list:
-    """Stores the attributes on ``ctx`` and returns the tensors the backward needs."""
-    (query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, *attrs) = inputs
-    ctx.attrs = attrs
-    ctx.n_stats = (len(act_means), len(act_vars))
-    if attrs[3]:  # training: the backward takes the batch statistics, and the running ones change in place
-        act_means, act_vars = [], []
-    ctx.n = (len(weights), len(biases), len(act_weights), len(act_means), len(act_vars))
-    ctx.has_lengths, ctx.has_offsets = lengths is not None, offsets is not None
-    saved = [query, keys, *(t for t in (lengths, offsets) if t is not None), *weights, *biases, *act_weights,
-             *act_means, *act_vars]
-    return saved
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*_remember(ctx, inputs[:-1]), output[3])  # inputs[-1]: save_z1; output[3]: z1
-
-
-def _unpack(ctx, saved=None):
-    saved = list(ctx.saved_tensors) if saved is None else list(saved)
-    query, keys = saved[:2]
-    rest = saved[2:]
-    lengths = rest.pop(0) if ctx.has_lengths else None
-    offsets = rest.pop(0) if ctx.has_offsets else None
+def _saved_inputs(ctx) -> tuple:
+    saved = list(ctx.saved_tensors)
+    head, rest = saved[:4], saved[4:]
     groups = []
     for n in ctx.n:
         groups.append(rest[:n])
         rest = rest[n:]
-    return query, keys, lengths, offsets, *groups
+    return (*head, *groups), rest  # rest: dice_stats, scores_acc, out_acc, z1
 
 
-def _backward(ctx, grad_out, grad_scores, grad_stats, grad_z1):
-    *saved, z1 = ctx.saved_tensors
-    query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars = _unpack(ctx, saved)
-    dq, dk, dw, db, da = target_attention_bwd_torch(
-        grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, z1,
-        *ctx.attrs,
-    )
-    no_stats = [None] * ctx.n_stats[0], [None] * ctx.n_stats[1]
-    return dq, dk, None, None, dw, db, da, *no_stats, None, None, None, None, None, None
+def _make_backward(bwd_op) -> Callable:
+    def backward(ctx, grad_out, grad_scores, *_unused):
+        inputs, outputs = _saved_inputs(ctx)
+        dq, dk, dw, db, da = bwd_op(grad_out, grad_scores, *inputs, *outputs, *ctx.cfg)
+        none = [None] * ctx.n_stats[0], [None] * ctx.n_stats[1]
+        return dq, dk, None, None, dw, db, da, *none, None, None, None, None, None, None
+
+    return backward
 
 
-target_attention_fwd_torch.register_autograd(_backward, setup_context=_setup_context)
+def _register(fwd, bwd, keeps_z1: bool, compiled: bool = False):
+    """Fake kernels and autograd of one backend's pair of ops."""
+    if compiled:
+        fwd = _define.compiled("target_attention_fwd", _make_fake_fwd(keeps_z1))
+        bwd = _define.compiled("target_attention_bwd", _fake_bwd)
+        if fwd is None:
+            return None
+        torch.library.register_autograd("din_kernels::target_attention_fwd", _make_backward(bwd),
+                                        setup_context=_setup_context)
+        return fwd, bwd
+    fwd.register_autograd(_make_backward(bwd), setup_context=_setup_context)
+    return fwd, bwd
+
+
+# ------------------------------------------------------------------------------------------- the Python backends
+
+
+def _torch_fwd(*args):
+    query, keys, lengths, offsets, mlp, cfg, (save_z1,) = _unflatten(args)
+    with torch.no_grad():
+        return _torch_attention.attention_fwd(query, keys, lengths, offsets, mlp, cfg, save_z1)
+
+
+def _torch_bwd(grad_out, grad_scores, *args):
+    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args[:9] + args[13:])
+    return _torch_attention.attention_bwd(grad_out, grad_scores, query, keys, lengths, offsets, mlp,
+                                          AttentionSaved(*args[9:13]), cfg)
+
+
+def _reference_outputs(query, keys, lengths, offsets, mlp: MLP, cfg: AttentionConfig):
+    out, w, stats = target_attention_ref(query, keys, mlp.weights, mlp.biases, lengths, offsets, cfg.activation,
+                                         mlp.act_weights, mlp.act_means, mlp.act_vars, cfg.normalization, cfg.scale,
+                                         cfg.training, cfg.eps)
+    return out, w, stats
+
+
+def _reference_fwd(*args):
+    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args)
+    with torch.no_grad():
+        out, w, stats = _reference_outputs(query, keys, lengths, offsets, mlp, cfg)
+    cd = compute_dtype(query, keys, *mlp.weights)
+    B, D = query.shape
+    sum_h = sum(mlp.widths) if cfg.dice_training else 0
+    dice_stats = (torch.stack([torch.cat([s[j].expand_as(s[0]) for s in stats]) for j in range(3)]).to(cd)
+                  if cfg.dice_training else query.new_zeros(3, sum_h, dtype=cd))
+    if cfg.softmax:
+        scores_acc, out_acc = w.to(cd, copy=True), out.to(cd, copy=True)
+    else:
+        scores_acc, out_acc = query.new_empty(0, dtype=cd), query.new_empty(0, D, dtype=cd)
+    return out, w, dice_stats, scores_acc, out_acc, query.new_empty(0, dtype=cd)
+
+
+def _reference_bwd(grad_out, grad_scores, *args):
+    """Autograd through the literal forward, recomputed (the oracle's gradients; see :mod:`..reference._vjp`)."""
+    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args[:9] + args[13:])
+    n_act = len(mlp.weights) - 1 if cfg.activation == "dice" else 0
+    if cfg.training and n_act:  # the running statistics are not used (nor saved) in training
+        mlp = mlp._replace(act_means=[query.new_zeros(h) for h in mlp.widths[:n_act]],
+                           act_vars=[query.new_ones(h) for h in mlp.widths[:n_act]])
+    nw, nb = len(mlp.weights), len(mlp.biases)
+
+    def forward(q, k, *params):
+        p = list(params)
+        grad_mlp = mlp._replace(weights=p[:nw], biases=p[nw:nw + nb], act_weights=p[nw + nb:])
+        return _reference_outputs(q, k, lengths, offsets, grad_mlp, cfg)[:2]
+
+    grads = vjp(forward, [query, keys, *mlp.weights, *mlp.biases, *mlp.act_weights], [grad_out, grad_scores])
+    return grads[0], grads[1], grads[2:2 + nw], grads[2 + nw:2 + nw + nb], grads[2 + nw + nb:]
+
+
+_OPS: dict[str, tuple | None] = {
+    "reference": _register(_define.define("target_attention_fwd", "reference", _reference_fwd,
+                                          _make_fake_fwd(False)),
+                           _define.define("target_attention_bwd", "reference", _reference_bwd, _fake_bwd), False),
+    "torch": _register(_define.define("target_attention_fwd", "torch", _torch_fwd, _make_fake_fwd(True)),
+                       _define.define("target_attention_bwd", "torch", _torch_bwd, _fake_bwd), True),
+}
+
+
+def _triton_fwd(*args):
+    from ..triton import attention as _tr
+
+    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args)
+    out, w, stats, w32, out32 = _tr.target_attention_fwd(query, keys, lengths, offsets, *mlp, *cfg.op_args())
+    scores_acc = w32.view(w.shape) if cfg.softmax else w32
+    return out, w, stats, scores_acc, out32, query.new_empty(0, dtype=torch.float32)
+
+
+def _triton_bwd(grad_out, grad_scores, *args):
+    from ..triton import attention as _tr
+
+    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args[:9] + args[13:])
+    dice_stats, scores_acc, out_acc, _z1 = args[9:13]
+    return _tr.target_attention_bwd(grad_out, grad_scores, query, keys, lengths, offsets, *mlp, dice_stats,
+                                    scores_acc.reshape(-1), out_acc, *cfg.op_args())
+
+
+# defined at import (torch.compile cannot trace an op's definition), when the optional triton package is present
+if importlib.util.find_spec("triton") is not None:
+    _OPS["triton"] = _register(_define.define("target_attention_fwd", "triton", _triton_fwd, _make_fake_fwd(False)),
+                               _define.define("target_attention_bwd", "triton", _triton_bwd, _fake_bwd), False)
+_OPS["compiled"] = _register(None, None, False, compiled=True)
+
+
+def ops(backend: str) -> tuple:
+    """``(fwd, bwd)``: the ops of a concrete backend (``cpu`` and ``cuda`` share the compiled pair)."""
+    key = "compiled" if backend in ("cpu", "cuda") else backend
+    pair = _OPS.get(key)
+    if pair is None:
+        raise _backend.BackendUnavailableError(
+            f"backend {backend!r} is not available for target_attention: "
+            + (_backend.unavailable_reason(backend, torch.device("cuda" if backend == "triton" else backend),
+                                           "target_attention") or "its ops are not defined"))
+    return pair
 
 
 @torch.library.custom_op("din_kernels::check_attention_index", mutates_args=())
@@ -168,119 +245,40 @@ def _(index, bound, jagged):
     return torch.empty_like(index)
 
 
-def _define_triton_ops() -> tuple:
-    """``(fwd, bwd)``: ``din_kernels::target_attention_{fwd,bwd}_triton``. They are ``torch.library.triton_op`` s, so
-    ``torch.compile`` traces into the launchers and keeps the kernels; under ``TRITON_INTERPRET=1`` (kernels on the
-    CPU) they are opaque ``custom_op`` s instead, because ``wrap_triton`` cannot trace interpreted kernels. The
-    kernel module is imported when an op first runs.
-
-    ``fwd`` returns ``(v_U, w, dice_stats, w32, out32)`` (see
-    :func:`din_kernels.triton.attention.target_attention_fwd`); ``bwd`` takes ``grad_out``/``grad_scores``, the
-    forward's inputs and its last three outputs, and returns
-    ``(d query, d keys, d weights, d biases, d act_weights)``.
-    """
-    from torch.library import triton_op
-
-    def define(name):
-        if not _backend.triton_interpret():
-            return triton_op(name, mutates_args=())  # torch.compile sees (and keeps) the kernels
-
-        def opaque(fn):  # wrap_triton returns interpreted kernels unwrapped: a triton_op could not trace them
-            op = torch.library.custom_op(name, fn, mutates_args=())
-            op.register_fake(fn)  # with fake tensors the launchers only allocate their outputs
-            return op
-
-        return opaque
-
-    @define("din_kernels::target_attention_fwd_triton")
-    def fwd(
-        query: Tensor,
-        keys: Tensor,
-        lengths: Tensor | None,
-        offsets: Tensor | None,
-        weights: list[Tensor],
-        biases: list[Tensor],
-        act_weights: list[Tensor],
-        act_means: list[Tensor],
-        act_vars: list[Tensor],
-        activation: str,
-        normalization: str,
-        scale: float,
-        training: bool,
-        eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        from ..triton import attention as _tr
-
-        return _tr.target_attention_fwd(query, keys, lengths, offsets, weights, biases, act_weights, act_means,
-                                        act_vars, activation, normalization, scale, training, eps)
-
-    @define("din_kernels::target_attention_bwd_triton")
-    def bwd(
-        grad_out: Tensor | None,
-        grad_scores: Tensor | None,
-        query: Tensor,
-        keys: Tensor,
-        lengths: Tensor | None,
-        offsets: Tensor | None,
-        weights: list[Tensor],
-        biases: list[Tensor],
-        act_weights: list[Tensor],
-        act_means: list[Tensor],
-        act_vars: list[Tensor],
-        stats: Tensor,
-        w32: Tensor,
-        out32: Tensor,
-        activation: str,
-        normalization: str,
-        scale: float,
-        training: bool,
-        eps: float,
-    ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-        from ..triton import attention as _tr
-
-        return _tr.target_attention_bwd(grad_out, grad_scores, query, keys, lengths, offsets, weights, biases,
-                                        act_weights, act_means, act_vars, stats, w32, out32, activation,
-                                        normalization, scale, training, eps)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*_remember(ctx, inputs), *output[2:])  # dice_stats, w32, out32 last
-
-    def backward(ctx, grad_out, grad_scores, grad_stats, grad_w32, grad_out32):
-        saved = list(ctx.saved_tensors)
-        outputs = saved[-3:]
-        query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars = _unpack(ctx, saved[:-3])
-        dq, dk, dw, db, da = bwd(grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights,
-                                 act_means, act_vars, *outputs, *ctx.attrs)
-        return (dq, dk, None, None, dw, db, da, [None] * ctx.n_stats[0], [None] * ctx.n_stats[1], None, None, None,
-                None, None)
-
-    fwd.register_autograd(backward, setup_context=setup_context)
-    return fwd, bwd
-
-
-# defined at import (torch.compile cannot trace an op's definition), when the optional triton package is present
-_TRITON_OPS = _define_triton_ops() if importlib.util.find_spec("triton") is not None else None
-
-
-def triton_ops() -> tuple:
-    """``(fwd, bwd)``: the ``din_kernels::target_attention_{fwd,bwd}_triton`` ops (see :func:`_define_triton_ops`)."""
-    if _TRITON_OPS is None:
-        raise _backend.BackendUnavailableError(
-            "backend 'triton' is not available for target_attention: the 'triton' package is not installed")
-    return _TRITON_OPS
-
-
-def _update_running_stats(act_means, act_vars, stats: Tensor, momentum: float) -> None:
-    """Each hidden layer's Dice running statistics from its columns of ``stats`` [3, sum(H)]."""
+def _update_running_stats(act_means, act_vars, stats: Tensor, momentum: float | Sequence[float]) -> None:
+    """Each hidden layer's Dice running statistics from its columns of ``stats`` [3, sum(H)] (``momentum``: one for
+    all layers or one per layer)."""
+    momenta = [momentum] * len(act_means) if isinstance(momentum, (int, float)) else list(momentum)
+    if len(momenta) != len(act_means):
+        raise ValueError(f"momentum must be one float or one per hidden layer ({len(act_means)}), got {momentum}")
     start = 0
-    for rm, rv in zip(act_means, act_vars):
-        mean, var, count = stats[:, start : start + rm.shape[0]].to(rm.dtype)
+    for rm, rv, m in zip(act_means, act_vars, momenta):
+        update_running_stats_(rm, rv, stats[:, start : start + rm.shape[0]], float(m))
         start += rm.shape[0]
-        update_running_stats_(rm, rv, mean, var, count, momentum)
 
 
-def _stats_from_ref(stats) -> Tensor:
-    return torch.stack([torch.cat([s[j].detach().expand_as(s[0]) for s in stats]) for j in range(3)])
+def _supports(name: str, query: Tensor, keys: Tensor, mlp: MLP) -> bool:
+    """Whether backend ``name`` covers these sizes and dtypes (``auto`` skips those that do not)."""
+    if name == "triton":
+        from ..triton.attention import supports
+
+        return supports(query, keys, mlp.weights)
+    if name in ("cpu", "cuda"):
+        from .. import _extension
+
+        return _extension.supports_attention(name, query, keys, mlp)
+    return True
+
+
+def _check_supported(name: str, query: Tensor, keys: Tensor, mlp: MLP) -> None:
+    if name == "triton":
+        from ..triton.attention import check_supported
+
+        check_supported(query, keys, mlp.weights)
+    elif name in ("cpu", "cuda"):
+        from .. import _extension
+
+        _extension.check_attention(name, query, keys, mlp)
 
 
 def target_attention(
@@ -298,7 +296,7 @@ def target_attention(
     normalization: str = "none",
     softmax_scale: float | None = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | Sequence[float] = 0.1,
     dice_eps: float = 1e-8,
     return_scores: bool = False,
     backend: str = "auto",
@@ -307,63 +305,43 @@ def target_attention(
 
     Args:
         query: ``[B, D]``, the candidate ad.
-        keys: ``[B, T, D]`` padded (with ``lengths`` ``[B]``) or ``[N, D]`` jagged (with ``offsets`` ``[B + 1]``).
+        keys: ``[B, T, D]`` padded (with ``lengths`` ``[B]``; ``lengths=None`` means all T valid) or ``[N, D]``
+            jagged (with ``offsets`` ``[B + 1]``).
         weights, biases: the MLP's ``nn.Linear`` parameters ``[H1, 4D], [H2, H1], ..., [1, Hn]`` and their biases.
         activation: ``sigmoid`` | ``relu`` | ``prelu`` | ``dice``. ``act_weights`` holds the PReLU weights or the
             Dice alphas (one ``[H_i]`` per hidden layer); ``act_means``/``act_vars`` the Dice running statistics,
-            updated in place (like ``F.batch_norm``) when ``training`` is True.
+            updated in place (like ``F.batch_norm``, with ``momentum``: one float or one per hidden layer) when
+            ``training`` is True; a batch whose statistics are not finite leaves them unchanged.
         normalization: ``none`` (the paper) or ``softmax`` (of ``softmax_scale * s``, default scale 1).
         return_scores: also return the weights ``w`` (``[B, T]`` padded, ``[N]`` jagged).
         backend: see :mod:`din_kernels.backend`. ``triton`` covers 1 or 2 hidden layers, D and widths up to 256
             whose blocks fit the GPU's shared memory (on an H200, hidden (80, 40): D up to 128 in float32, 256 in
-            bfloat16/float16), float32/bfloat16/float16 inputs, and raises ``ValueError``/``TypeError`` beyond that
-            (``auto`` then picks ``torch``).
+            bfloat16/float16), float32/bfloat16/float16 inputs, and raises ``ValueError``/``TypeError`` beyond that;
+            ``cpu`` covers 1 to 3 hidden layers of widths up to 256 in float32/bfloat16/float64. ``auto`` skips a
+            backend that does not cover the call.
     Returns:
         ``v_U`` ``[B, D]``, or ``(v_U, w)`` when ``return_scores``.
     """
-    weights, biases, act_weights = list(weights), list(biases), list(act_weights)
-    act_means, act_vars = list(act_means), list(act_vars)
-    check_attention_inputs(query, keys, lengths, offsets, weights, biases, activation, act_weights, act_means,
-                           act_vars, normalization, training)
-    scale = 1.0 if softmax_scale is None else float(softmax_scale)
-    name = _backend.resolve(backend, query.device, "target_attention", SUPPORTED)
-    if name == "triton":
-        from ..triton.attention import check_supported, supports
-
-        if backend == "auto" and not supports(query, keys, weights):  # e.g. float64 or a deeper MLP
-            name = "torch"
+    mlp = MLP(list(weights), list(biases), list(act_weights), list(act_means), list(act_vars))
+    if lengths is None and offsets is None and keys.dim() == 3:  # padded keys, every position valid
+        lengths = torch.full((keys.shape[0],), keys.shape[1], dtype=torch.long, device=keys.device)
+    check_attention_inputs(query, keys, lengths, offsets, *mlp[:2], activation, *mlp[2:], normalization, training)
+    cfg = AttentionConfig(activation, normalization, 1.0 if softmax_scale is None else float(softmax_scale),
+                          bool(training), float(dice_eps))
+    name = _backend.resolve(backend, query.device, "target_attention", SUPPORTED,
+                            lambda n: _supports(n, query, keys, mlp))
+    _check_supported(name, query, keys, mlp)
+    if _backend.checks_enabled():
+        if offsets is not None:
+            offsets = check_attention_index(offsets, keys.shape[0], True)
         else:
-            check_supported(query, keys, weights)
-    dice_training = activation == "dice" and training
-    if name == "reference":
-        if _backend.checks_enabled():
-            if offsets is not None:
-                check_offsets_values(offsets, keys.shape[0])
-            else:
-                check_lengths_values(lengths, keys.shape[1])
-        out, w, stats = target_attention_ref(
-            query, keys, weights, biases, lengths, offsets, activation, act_weights, act_means, act_vars,
-            normalization, scale, training, dice_eps,
-        )
-        stats = _stats_from_ref(stats) if dice_training else None
-    elif name == "triton":
-        if _backend.checks_enabled():
-            if offsets is not None:
-                offsets = check_attention_index(offsets, keys.shape[0], True)
-            else:
-                lengths = check_attention_index(lengths, keys.shape[1], False)
-        out, w, stats, _, _ = triton_ops()[0](
-            query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-            normalization, scale, training, dice_eps,
-        )
-    else:
-        # keep the first layer's pre-activation only when a backward can follow
-        save_z1 = torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, *weights, *biases,
-                                                                              *act_weights))
-        out, w, stats, _ = target_attention_fwd_torch(
-            query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-            normalization, scale, training, dice_eps, save_z1,
-        )
-    if dice_training:
-        _update_running_stats(act_means, act_vars, stats, momentum)
+            lengths = check_attention_index(lengths, keys.shape[1], False)
+    fwd, _ = ops(name)
+    # keep the first layer's pre-activation only when a backward can follow
+    save_z1 = name in KEEPS_Z1 and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (query, keys, *mlp.weights, *mlp.biases, *mlp.act_weights))
+    out, w, stats, *_ = fwd(query, keys, lengths, offsets, *mlp.op_args(), *cfg.op_args(), save_z1)
+    if cfg.dice_training:
+        _update_running_stats(mlp.act_means, mlp.act_vars, stats, momentum)
+        warn_if_nonfinite(stats, "target_attention")
     return (out, w) if return_scores else out

@@ -24,30 +24,24 @@ chunk is recomputed with its padding zeroed, so padding content never changes a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from .. import _alloc
-from .._jagged import jagged_to_padded, padded_mask, padded_to_jagged
-from .._validate import check_lengths_values, check_offsets_values
-from ..backend import checks_enabled
+from .._config import MLP, AttentionConfig, AttentionSaved
+from .._jagged import jagged_to_padded, padded_mask, padded_to_jagged, safe_lengths
 from ..reference.attention import compute_dtype
 from .dice import dice_bwd, dice_forward, masked_moments
 
 
 def _padded_inputs(keys, lengths, offsets, cd):
-    """Keys as a zero-padded ``[B, T, D]`` tensor in the compute dtype, the mask, and the jagged index."""
+    """Keys as a zero-padded ``[B, T, D]`` tensor in the compute dtype, the mask, and the jagged index (None when
+    padded). ``lengths``/``offsets`` are clamped first (:mod:`din_kernels._jagged`): memory-safe for any values."""
     if offsets is not None:
-        if checks_enabled():
-            check_offsets_values(offsets, keys.shape[0])
         K, lengths, index = jagged_to_padded(keys.to(cd), offsets)
         return K, padded_mask(lengths, K.shape[1]), index
     T = keys.shape[1]
-    if checks_enabled():
-        check_lengths_values(lengths, T)
-    mask = padded_mask(lengths, T)
+    mask = padded_mask(safe_lengths(lengths, T), T)
     K = keys.to(cd)
     if K.device.type != "cpu":  # no sync for the finiteness check below: zero the padding up front
         K = K.masked_fill(~mask[..., None], 0.0)
@@ -150,8 +144,9 @@ def _chunks(B, T, width, device, whole):
 class _Setup:
     """The inputs of one call in the compute dtype, in the padded layout."""
 
-    def __init__(self, query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars,
-                 activation, training):
+    def __init__(self, query, keys, lengths, offsets, mlp: MLP, cfg: AttentionConfig):
+        weights, biases, act_weights, act_means, act_vars = mlp
+        activation, training = cfg.activation, cfg.training
         self.cd = cd = compute_dtype(query, keys, *weights, *biases, *act_weights)
         self.K, self.mask, self.index = _padded_inputs(keys, lengths, offsets, cd)
         self.B, self.T, self.D = self.K.shape
@@ -187,33 +182,26 @@ def attention_fwd(
     keys: torch.Tensor,
     lengths: torch.Tensor | None,
     offsets: torch.Tensor | None,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor],
-    act_weights: Sequence[torch.Tensor],
-    act_means: Sequence[torch.Tensor],
-    act_vars: Sequence[torch.Tensor],
-    activation: str,
-    normalization: str,
-    scale: float,
-    training: bool,
-    eps: float,
+    mlp: MLP,
+    cfg: AttentionConfig,
     save_z1: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(v_U [B, D], w [B, T] or [N], dice_stats [3, sum(H)], z1)`` (stats: mean, biased var, count).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The outputs of ``target_attention_fwd`` (:mod:`din_kernels.ops.schema`): ``(v_U [B, D], w [B, T] or [N],
+    dice_stats [3, sum(H)], scores_acc, out_acc, z1)``.
 
     With ``save_z1`` (a backward will follow), ``z1`` is the first layer's pre-activation, ``[B, T, H1]`` padded or
     ``[N, H1]`` jagged, kept so that the backward need not repeat the dominant matmul; otherwise it is empty."""
-    st = _Setup(query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-                training)
-    out = _alloc.empty(st.B, st.D, dtype=query.dtype, device=query.device)
-    w_all = _alloc.empty(st.B, st.T, dtype=query.dtype, device=query.device)
+    st = _Setup(query, keys, lengths, offsets, mlp, cfg)
+    normalization, scale, eps = cfg.normalization, cfg.scale, cfg.eps
+    out = _alloc.empty(st.B, st.D, dtype=st.cd, device=query.device)
+    w_all = _alloc.empty(st.B, st.T, dtype=st.cd, device=query.device)
     H1 = st.W[0].shape[0]
     z1_all = _alloc.empty(st.B, st.T, H1, dtype=st.cd, device=query.device) if save_z1 else None
     stats: list = []
     for b0, b1 in st.chunks:
         z1_out = None if z1_all is None else z1_all[b0:b1]
         o, w = st.forward_chunk(b0, b1, normalization, scale, eps, stats, z1_out=z1_out)[4:6]
-        # NaN/Inf in the padding must not leak in through 0 * NaN
+        # NaN/Inf in the padding must not leak in through 0 * NaN (on the CPU: the check is a sync)
         if st.K.device.type == "cpu" and not bool(torch.isfinite(o).all()):
             stats.clear()
             o, w = st.forward_chunk(b0, b1, normalization, scale, eps, stats, True, z1_out=z1_out)[4:6]
@@ -222,9 +210,16 @@ def attention_fwd(
     if st.index is not None:
         w_all = padded_to_jagged(w_all, st.index)
         z1_all = None if z1_all is None else padded_to_jagged(z1_all, st.index)
-    widths = [w.shape[0] for w in weights[:-1]] if activation == "dice" and training else []
+    widths = mlp.widths if cfg.dice_training else []
     z1_all = query.new_empty(0, dtype=st.cd) if z1_all is None else z1_all
-    return out, w_all, _stats_tensor(stats, st.cd, query.device, widths), z1_all
+    if cfg.softmax:
+        scores_acc, out_acc = w_all, out
+    else:
+        scores_acc, out_acc = query.new_empty(0, dtype=st.cd), query.new_empty(0, st.D, dtype=st.cd)
+    out_q, w_q = out.to(query.dtype), w_all.to(query.dtype)
+    if out_q is out_acc:  # float32/float64 inputs: the outputs must not alias each other
+        out_q, w_q = out_q.clone(), w_q.clone()
+    return out_q, w_q, _stats_tensor(stats, st.cd, query.device, widths), scores_acc, out_acc, z1_all
 
 
 def _chunk_backward(st, b0, b1, go, gs, normalization, scale, eps, dK, z1=None, padding_zeroed=False):
@@ -287,26 +282,19 @@ def attention_bwd(
     keys: torch.Tensor,
     lengths: torch.Tensor | None,
     offsets: torch.Tensor | None,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor],
-    act_weights: Sequence[torch.Tensor],
-    act_means: Sequence[torch.Tensor],
-    act_vars: Sequence[torch.Tensor],
-    activation: str,
-    normalization: str,
-    scale: float,
-    training: bool,
-    eps: float,
-    z1: torch.Tensor | None = None,
+    mlp: MLP,
+    saved: AttentionSaved,
+    cfg: AttentionConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Gradients ``(d query, d keys, d weights, d biases, d act_weights)`` in the dtypes of their inputs.
 
-    ``z1``: the forward's saved first-layer pre-activation (see :func:`attention_fwd`), or None/empty to recompute.
+    ``saved.z1``: the forward's first-layer pre-activation (see :func:`attention_fwd`), or empty to recompute; Dice
+    in training recomputes its batch statistics with the forward (the same values as ``saved.dice_stats``).
     """
-    st = _Setup(query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-                training)
-    if z1 is not None and z1.numel() == 0:
-        z1 = None
+    weights, biases, act_weights = mlp.weights, mlp.biases, mlp.act_weights
+    normalization, scale, eps = cfg.normalization, cfg.scale, cfg.eps
+    st = _Setup(query, keys, lengths, offsets, mlp, cfg)
+    z1 = saved.z1 if saved.z1.numel() else None
     if z1 is not None and st.index is not None:
         z1 = jagged_to_padded(z1, offsets, st.T)[0]
     cd, D = st.cd, st.D
@@ -315,8 +303,9 @@ def attention_bwd(
     gs = None
     if grad_scores is not None:
         if st.index is not None:
-            gs = torch.zeros(st.B, st.T, dtype=cd, device=query.device)
-            gs[st.index[0], st.index[1]] = grad_scores.to(cd)
+            gs = torch.zeros(st.B + 1, max(st.T, 1), dtype=cd, device=query.device)
+            gs[st.index.b_idx, st.index.t_idx] = torch.where(st.index.valid, grad_scores.to(cd), 0)
+            gs = gs[: st.B, : st.T]
         else:
             gs = grad_scores.to(cd)
     n = len(st.W)
@@ -324,12 +313,14 @@ def attention_bwd(
     dq = _alloc.empty(st.B, D, dtype=query.dtype, device=query.device)
     direct = keys.dtype == cd and st.index is None  # write d keys straight into the result
     dK = _alloc.empty(st.B, st.T, D, dtype=cd if not direct else keys.dtype, device=keys.device)
+    on_cpu = st.K.device.type == "cpu"
     for b0, b1 in st.chunks:
         args = (None if go is None else go[b0:b1], None if gs is None else gs[b0:b1], normalization, scale, eps,
                 dK[b0:b1])
         dq_c, part = _chunk_backward(st, b0, b1, *args, z1=None if z1 is None else z1[b0:b1])
-        finite = bool(torch.isfinite(dq_c).all()) and bool(torch.isfinite(part["A"]).all())
-        if st.K.device.type == "cpu" and not finite:  # NaN/Inf in the padding: redo with it zeroed
+        # NaN/Inf in the padding: redo with it zeroed (on the CPU only: the check is a sync, and on a GPU the
+        # padding is zeroed up front)
+        if on_cpu and not (bool(torch.isfinite(dq_c).all()) and bool(torch.isfinite(part["A"]).all())):
             dq_c, part = _chunk_backward(st, b0, b1, *args, padding_zeroed=True)
         dq[b0:b1] = dq_c
         _accumulate(grads, part)

@@ -174,7 +174,9 @@ def _dice_update_running_kernel(rmean_ptr, rvar_ptr, stats_ptr, C, momentum, BLO
     rv = tl.load(rvar_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
     new_mean = (rm + momentum * (mean - rm)).to(acc_ty)
     new_var = (rv + momentum * (unbiased - rv)).to(acc_ty)
-    keep = col_ok & (n > 0)
+    # a batch with no selected position, or with non-finite statistics, leaves the channel unchanged
+    finite = (tl.abs(mean) < float("inf")) & (tl.abs(unbiased) < float("inf"))  # False for NaN too
+    keep = col_ok & (n > 0) & finite
     tl.store(rmean_ptr + cols, new_mean.to(rmean_ptr.dtype.element_ty), mask=keep)
     tl.store(rvar_ptr + cols, new_var.to(rvar_ptr.dtype.element_ty), mask=keep)
 

@@ -11,7 +11,7 @@ and every other program does nothing. The owner
 - optionally writes its penalty share ``lam / 2 * ||W[j]||^2 / n[j]``.
 
 Only the rows of ids in the batch are read or written: the cost is O(batch), independent of K. Nothing here syncs
-with the host except the sparse paths, whose output size (the number U of distinct ids) is data-dependent.
+with the host: sparse gradients hold one entry per lookup (zeros where a lookup is not its row's owner).
 """
 
 from __future__ import annotations
@@ -142,29 +142,6 @@ def mba_penalty(segments: tuple[Tensor, Tensor, Tensor], weight: Tensor, counts:
     return _run_segments(segments, weight, counts, lam, padding_idx, penalty=True)
 
 
-def _compact(segments: tuple[Tensor, Tensor, Tensor], padding_idx: int | None) -> tuple[Tensor, Tensor]:
-    """``(distinct [U] without padding_idx, rank [M])``: ``rank[i]`` is the row of position i's id in ``distinct``
-    (a host sync: U is data-dependent)."""
-    ordered = segments[0]
-    starts = torch.ones_like(ordered, dtype=torch.bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    if padding_idx is not None:
-        starts &= ordered != padding_idx
-    rank = torch.cumsum(starts.long(), 0) - 1
-    return ordered[starts], rank
-
-
-def mba_rows_sparse(weight: Tensor, ids: Tensor, counts: Tensor, lam: float, padding_idx: int | None
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(distinct [U], rows [U, D] = lam * W[j] / n[j] in weight's dtype, penalty [])`` for a sparse grad."""
-    segments = sort_segments(ids)
-    distinct, rank = _compact(segments, padding_idx)
-    rows = empty(distinct.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
-    penalty = _run_segments(segments, weight, counts, lam, padding_idx, out=rows, out_mode=OUT_STORE_AT_RANK, rank=rank,
-                      penalty=True)
-    return distinct, rows, penalty
-
-
 def embedding_backward_dense(grad_out: Tensor, segments: tuple[Tensor, Tensor, Tensor], weight: Tensor,
                              counts: Tensor, lam: float, padding_idx: int | None) -> Tensor:
     """The embedding's dense gradient ``[K, D]`` with the MBA term: row j (a distinct id of the batch) is
@@ -180,11 +157,15 @@ def embedding_backward_dense(grad_out: Tensor, segments: tuple[Tensor, Tensor, T
 
 
 def embedding_backward_sparse(grad_out: Tensor, segments: tuple[Tensor, Tensor, Tensor], weight: Tensor,
-                              counts: Tensor, lam: float, padding_idx: int | None) -> Tensor:
-    """As :func:`embedding_backward_dense`, as a coalesced sparse COO ``[K, D]`` with one entry per distinct id."""
-    distinct, rank = _compact(segments, padding_idx)
-    values = empty(distinct.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
-    _run_segments(segments, weight, counts, lam, padding_idx, out=values, out_mode=OUT_STORE_AT_RANK, grad_out=grad_out,
-            rank=rank)
-    return torch.sparse_coo_tensor(distinct.unsqueeze(0), values, weight.shape, is_coalesced=True,
-                                   check_invariants=False)
+                              counts: Tensor, lam: float, padding_idx: int | None) -> tuple[Tensor, Tensor]:
+    """As :func:`embedding_backward_dense`, as the entries of an uncoalesced sparse COO gradient with one entry per
+    lookup, in sorted order: ``(indices [M] = the sorted ids clamped into the table, values [M, D])``; the first
+    position of each distinct id's segment holds its row, the others (and the padding id's) hold zeros. No shape
+    depends on the ids' values, and nothing syncs with the host."""
+    ordered = segments[0]
+    M = ordered.shape[0]
+    values = torch.zeros(M, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    rank = torch.arange(M, device=weight.device)
+    _run_segments(segments, weight, counts, lam, padding_idx, out=values, out_mode=OUT_STORE_AT_RANK,
+                  grad_out=grad_out, rank=rank)
+    return ordered.clamp(0, max(weight.shape[0] - 1, 0)), values
