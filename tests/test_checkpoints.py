@@ -153,3 +153,13 @@ def _size(p) -> int:
         return p.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def test_the_readme_loading_snippet_runs(din_run):
+    out, results = din_run
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme.split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0].replace("runs/din", str(out))
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert isinstance(scope["model"], DIN) and scope["run"].metrics["test_auc"] == results["test_auc"]
