@@ -101,8 +101,10 @@ def padded_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``[B, ...]``: the sum of each sample's rows of ``values`` [N, ...] (memory-safe for any ``offsets``)."""
-    index = JaggedIndex(offsets, values.shape[0])
+def segment_sum(values: torch.Tensor, offsets: torch.Tensor, index: JaggedIndex | None = None) -> torch.Tensor:
+    """``[B, ...]``: the sum of each sample's rows of ``values`` [N, ...] (memory-safe for any ``offsets``; rows no
+    sample covers are left out). ``index``: the :class:`JaggedIndex` of ``offsets``, when the caller has it."""
+    if index is None:
+        index = JaggedIndex(offsets, values.shape[0])
     out = values.new_zeros((index.B + 1,) + tuple(values.shape[1:]))
     return out.index_add_(0, index.b_idx, values)[: index.B]

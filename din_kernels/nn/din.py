@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._jagged import lengths_from_offsets, padded_mask
+from .._jagged import JaggedIndex, padded_mask, segment_sum
 from .._validate import check_choice
 from ..backend import BACKENDS
 from . import embedding as _embedding
@@ -208,13 +208,14 @@ class BaseModel(nn.Module):
 
     def interest(self, ad: Tensor, hist: Tensor, lengths: Tensor | None, offsets: Tensor | None,
                  return_scores: bool = False):
-        """Sum pooling of the behaviours: ``[B, Di]`` (and all-ones weights at the valid positions)."""
+        """Sum pooling of the behaviours: ``[B, Di]`` (and all-ones weights at the valid positions).
+
+        Memory-safe for any ``lengths``/``offsets`` (the value checks may be off): they are clamped as in
+        :mod:`din_kernels._jagged`, and jagged rows that no sample covers get weight 0."""
         if offsets is not None:
-            lengths = lengths_from_offsets(offsets)
-            b_idx = torch.repeat_interleave(torch.arange(ad.shape[0], device=ad.device), lengths,
-                                            output_size=hist.shape[0])
-            pooled = ad.new_zeros(ad.shape).index_add_(0, b_idx, hist)
-            weights = hist.new_ones(hist.shape[0])
+            index = JaggedIndex(offsets, hist.shape[0])
+            pooled = segment_sum(hist, offsets, index)
+            weights = index.valid.to(hist.dtype)
         else:
             mask = padded_mask(lengths, hist.shape[1])
             pooled = (hist * mask.unsqueeze(-1).to(hist.dtype)).sum(1)
