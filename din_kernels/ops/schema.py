@@ -104,3 +104,6 @@ SCHEMAS = {
     "mba_embedding_bwd_dense": MBA_EMBEDDING_BWD_DENSE,
     "mba_embedding_bwd_sparse": MBA_EMBEDDING_BWD_SPARSE,
 }
+
+# the ops of the compiled extension (csrc/register.cpp defines these; its CPU and CUDA kernels implement them)
+COMPILED = ("target_attention_fwd", "target_attention_bwd", "dice_fwd", "dice_bwd", "dice_update_running")

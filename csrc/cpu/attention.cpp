@@ -1,0 +1,846 @@
+// Target attention (SPEC section 1) on the CPU: the fused forward and backward of din_kernels::target_attention_fwd
+// and din_kernels::target_attention_bwd (schemas in din_kernels/ops/schema.py, registered by csrc/register.cpp).
+//
+// Layout of the work. The samples are cut into chunks of consecutive samples holding about kChunkRows valid
+// behaviours (a sample is never split), so that a chunk's activations ([rows, H] per hidden layer) stay in L2. The
+// chunks are dealt to P = min(threads, chunks) groups of consecutive chunks, one group per task of at::parallel_for;
+// each group owns its scratch and its partial sums of the batch-summed gradients, which are added in group order at
+// the end: bit-for-bit deterministic for a fixed thread count, with no atomics.
+//
+// Per sample b (L valid behaviours K_b [L, D]) the first layer is factorised (SPEC section 1):
+//   M_b = (Wk - Wd) + Wp * q_b  [H1, D],  c_b = q_b @ (Wq + Wd)^T + b1  [H1],  z1 = K_b @ M_b^T + c_b  [L, H1],
+// one small GEMM per sample; the upper layers, whose weights all samples share, run as one GEMM per chunk. The GEMMs
+// are the BLAS that torch links (csrc/cpu/blas.h). The [B, T, 4D]
+// concatenation and the [B, T, H] activations are never built.
+//
+// Backward recomputes the chunk's forward (cheaper than storing [N, H] activations) and walks back:
+//   ds (none: dw; softmax: scale * w * (dw - sum_t w_t dw_t)), with dw_t = grad_scores_t + k_t . grad_out_b,
+//   the upper layers (dW_i += dZ_i^T H_{i-1} per chunk, dH_{i-1} = dZ_i @ W_i), G = dL/dz1, then per sample
+//   dK_b = G_b @ M_b + w grad_out_b,  dM_b = G_b^T K_b,  d(Wk - Wd) += dM_b,  dWp += dM_b * q_b,
+//   dq_b = sum_h dM_b[h] * Wp[h] + dc_b @ (Wq + Wd),  dc_b = sum_t G_b[t];  d(Wq + Wd) = dc^T Q, db1 = sum_b dc_b.
+// Dice in training: its batch statistics (forward) and the batch sums sum g, sum g u of its backward (see
+// din_kernels/torch_impl/dice.py) each need every valid behaviour of the batch first, so each hidden layer costs one
+// more recomputing pass (statistics bottom-up in the forward, sums top-down in the backward).
+//
+// Memory safety: lengths are clamped to [0, T] and offsets to a range inside [0, N] (csrc/common/math.h
+// sample_range); no other index is read, whatever lengths/offsets hold.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string_view>
+#include <vector>
+
+#include "blas.h"
+#include "vec_math.h"
+
+namespace din::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kChunkRows = 256;  // valid behaviours per chunk: [256, 80] float32 activations are 80 KB
+
+template <typename T>
+inline void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T beta, T* C, int64_t ldc) {
+  blas::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+
+int parse_activation(std::string_view name) {
+  if (name == "sigmoid") return kSigmoid;
+  if (name == "relu") return kRelu;
+  if (name == "prelu") return kPrelu;
+  if (name == "dice") return kDice;
+  TORCH_CHECK(false, "target_attention: activation must be sigmoid, relu, prelu or dice, got '", name, "'");
+}
+
+bool parse_softmax(std::string_view name) {
+  TORCH_CHECK(name == "none" || name == "softmax", "target_attention: normalization must be none or softmax, got '",
+              name, "'");
+  return name == "softmax";
+}
+
+struct Config {
+  int act;
+  bool softmax;
+  double scale;
+  bool training;
+  double eps;
+  bool dice_train() const { return act == kDice && training; }
+};
+
+struct Chunk {
+  int64_t b0, b1, rows;
+};
+
+// The shapes and clamped ranges of one call, checked (the Python API raises ValueErrors first; these TORCH_CHECKs
+// guard direct calls of the op).
+struct Layout {
+  int64_t B, T, N, D;
+  bool jagged;
+  Tensor index;  // int64 lengths [B] or offsets [B + 1], contiguous
+  std::vector<int64_t> start, length;
+  std::vector<Chunk> chunks;
+  int64_t max_rows = 0, max_len = 0;
+
+  Layout(const Tensor& query, const Tensor& keys, const std::optional<Tensor>& lengths,
+         const std::optional<Tensor>& offsets) {
+    TORCH_CHECK(query.dim() == 2, "target_attention: query must be 2-D [B, D], got shape ", query.sizes());
+    B = query.size(0);
+    D = query.size(1);
+    TORCH_CHECK(lengths.has_value() != offsets.has_value(),
+                "target_attention: give exactly one of lengths (padded keys) and offsets (jagged keys)");
+    jagged = offsets.has_value();
+    if (jagged) {
+      TORCH_CHECK(keys.dim() == 2, "target_attention: keys must be 2-D [N, D] with offsets, got shape ", keys.sizes());
+      TORCH_CHECK(offsets->dim() == 1 && offsets->size(0) == B + 1, "target_attention: offsets must have B + 1 = ",
+                  B + 1, " entries, got shape ", offsets->sizes());
+      TORCH_CHECK(!offsets->is_floating_point(), "target_attention: offsets must be an integer tensor");
+      N = keys.size(0);
+      T = 0;
+      index = offsets->to(at::kLong).contiguous();
+    } else {
+      TORCH_CHECK(keys.dim() == 3, "target_attention: keys must be 3-D [B, T, D] with lengths, got shape ",
+                  keys.sizes());
+      TORCH_CHECK(keys.size(0) == B, "target_attention: keys has batch size ", keys.size(0), " but query has ", B);
+      TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B, "target_attention: lengths must have shape [", B,
+                  "], got ", lengths->sizes());
+      TORCH_CHECK(!lengths->is_floating_point(), "target_attention: lengths must be an integer tensor");
+      T = keys.size(1);
+      N = B * T;
+      index = lengths->to(at::kLong).contiguous();
+    }
+    TORCH_CHECK(keys.size(-1) == D, "target_attention: keys has D = ", keys.size(-1), " but query has D = ", D);
+    const int64_t* idx = index.data_ptr<int64_t>();
+    start.resize(B);
+    length.resize(B);
+    for (int64_t b = 0; b < B; ++b) {
+      sample_range(jagged ? nullptr : idx, jagged ? idx : nullptr, b, T, N, &start[b], &length[b]);
+      max_len = std::max(max_len, length[b]);
+    }
+    int64_t b0 = 0, rows = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      if (rows > 0 && rows + length[b] > kChunkRows) {
+        chunks.push_back({b0, b, rows});
+        max_rows = std::max(max_rows, rows);
+        b0 = b;
+        rows = 0;
+      }
+      rows += length[b];
+    }
+    if (B > b0) {
+      chunks.push_back({b0, B, rows});
+      max_rows = std::max(max_rows, rows);
+    }
+  }
+
+  int64_t groups() const {
+    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(chunks.size())));
+  }
+  // chunks [begin, end) of group g
+  std::pair<int64_t, int64_t> group_chunks(int64_t g) const {
+    int64_t n = static_cast<int64_t>(chunks.size()), P = groups();
+    return {n * g / P, n * (g + 1) / P};
+  }
+};
+
+// The MLP in the compute dtype acc_t, laid out for the kernels.
+template <typename acc_t>
+struct Mlp {
+  int64_t D, H1, n;  // n hidden layers
+  std::vector<int64_t> H, col;  // widths, and each layer's first column in the concatenated activation vectors
+  Tensor A, Wp, Wqd, b1;        // [H1, D] x3, [H1]
+  std::vector<Tensor> W, bias;  // W[i] [H_i, H_{i-1}] for i = 1 .. n-1
+  Tensor w_last;                // [Hn]
+  acc_t b_last;
+  Tensor alpha, mean, r;        // [sum H]: PReLU weights / Dice alphas; Dice mean and 1 / sqrt(var + eps)
+  bool has_alpha = false;
+  acc_t inv_count = acc_t(0);   // Dice training: 1 / (valid behaviours)
+
+  const acc_t* p(const Tensor& t) const { return t.defined() && t.numel() ? t.data_ptr<acc_t>() : nullptr; }
+  const acc_t* alpha_p(int64_t i) const { return has_alpha ? p(alpha) + col[i] : nullptr; }
+  const acc_t* mean_p(int64_t i) const { return mean.defined() ? p(mean) + col[i] : nullptr; }
+  const acc_t* r_p(int64_t i) const { return r.defined() ? p(r) + col[i] : nullptr; }
+};
+
+template <typename acc_t>
+Tensor as_acc(const Tensor& t) {
+  return t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+}
+
+template <typename acc_t>
+Mlp<acc_t> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::TensorList act_weights,
+                    const Config& cfg) {
+  Mlp<acc_t> m;
+  TORCH_CHECK(weights.size() >= 2 && weights.size() == biases.size(), "target_attention: weights and biases must "
+              "hold one entry per Linear layer (at least 2), got ", weights.size(), " and ", biases.size());
+  m.D = D;
+  m.n = static_cast<int64_t>(weights.size()) - 1;
+  int64_t fan_in = 4 * D;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    TORCH_CHECK(weights[i].dim() == 2 && weights[i].size(1) == fan_in, "target_attention: weights[", i,
+                "] must have shape [H, ", fan_in, "], got ", weights[i].sizes());
+    TORCH_CHECK(biases[i].dim() == 1 && biases[i].size(0) == weights[i].size(0), "target_attention: biases[", i,
+                "] must have shape [", weights[i].size(0), "], got ", biases[i].sizes());
+    fan_in = weights[i].size(0);
+    if (i + 1 < weights.size()) m.H.push_back(fan_in);
+  }
+  TORCH_CHECK(fan_in == 1, "target_attention: the last layer must have one output, got weights[-1] ",
+              weights.back().sizes());
+  m.H1 = m.H[0];
+  int64_t c = 0;
+  for (int64_t h : m.H) {
+    m.col.push_back(c);
+    c += h;
+  }
+  Tensor W1 = as_acc<acc_t>(weights[0]);
+  auto blocks = W1.split(D, 1);  // Wq, Wk, Wd, Wp
+  m.A = (blocks[1] - blocks[2]).contiguous();
+  m.Wp = blocks[3].contiguous();
+  m.Wqd = (blocks[0] + blocks[2]).contiguous();
+  m.b1 = as_acc<acc_t>(biases[0]);
+  m.W.push_back(Tensor());
+  m.bias.push_back(Tensor());
+  for (int64_t i = 1; i < m.n; ++i) {
+    m.W.push_back(as_acc<acc_t>(weights[i]));
+    m.bias.push_back(as_acc<acc_t>(biases[i]));
+  }
+  m.w_last = as_acc<acc_t>(weights.back()).reshape({-1});
+  m.b_last = as_acc<acc_t>(biases.back()).template item<acc_t>();
+  bool uses_alpha = cfg.act == kPrelu || cfg.act == kDice;
+  TORCH_CHECK(static_cast<int64_t>(act_weights.size()) == (uses_alpha ? m.n : 0), "target_attention: activation ",
+              "needs ", uses_alpha ? m.n : 0, " act_weights (one per hidden layer), got ", act_weights.size());
+  if (uses_alpha) {
+    std::vector<Tensor> parts;
+    for (int64_t i = 0; i < m.n; ++i) {
+      TORCH_CHECK(act_weights[i].dim() == 1 && (act_weights[i].numel() == 1 || act_weights[i].numel() == m.H[i]),
+                  "target_attention: act_weights[", i, "] must have shape [", m.H[i], "] or [1], got ",
+                  act_weights[i].sizes());
+      parts.push_back(as_acc<acc_t>(act_weights[i]).expand({m.H[i]}));
+    }
+    m.alpha = at::cat(parts).contiguous();
+    m.has_alpha = true;
+  }
+  return m;
+}
+
+// Dice's mean and r = 1 / sqrt(var + eps) per hidden channel, from the running statistics (eval) or dice_stats.
+template <typename acc_t>
+void set_dice_stats(Mlp<acc_t>& m, at::TensorList act_means, at::TensorList act_vars, const Tensor& dice_stats,
+                    const Config& cfg) {
+  if (cfg.act != kDice) return;
+  if (cfg.training) {
+    int64_t total = m.col.back() + m.H.back();
+    TORCH_CHECK(dice_stats.dim() == 2 && dice_stats.size(0) == 3 && dice_stats.size(1) == total,
+                "target_attention_bwd: dice_stats must have shape [3, ", total, "], got ", dice_stats.sizes());
+    Tensor s = as_acc<acc_t>(dice_stats);
+    m.mean = s[0].contiguous();
+    m.r = (s[1] + cfg.eps).rsqrt().contiguous();
+    acc_t count = total ? s[2][0].item<acc_t>() : acc_t(0);
+    m.inv_count = count > 0 ? acc_t(1) / count : acc_t(0);
+    return;
+  }
+  TORCH_CHECK(static_cast<int64_t>(act_means.size()) == m.n && static_cast<int64_t>(act_vars.size()) == m.n,
+              "target_attention: activation dice in eval needs ", m.n, " act_means and act_vars, got ",
+              act_means.size(), " and ", act_vars.size());
+  std::vector<Tensor> means, rs;
+  for (int64_t i = 0; i < m.n; ++i) {
+    TORCH_CHECK(act_means[i].numel() == m.H[i] && act_vars[i].numel() == m.H[i], "target_attention: act_means[",
+                i, "]/act_vars[", i, "] must have shape [", m.H[i], "], got ", act_means[i].sizes(), " and ",
+                act_vars[i].sizes());
+    means.push_back(as_acc<acc_t>(act_means[i]));
+    rs.push_back((as_acc<acc_t>(act_vars[i]) + cfg.eps).rsqrt());
+  }
+  m.mean = at::cat(means).contiguous();
+  m.r = at::cat(rs).contiguous();
+}
+
+// Per-group scratch: one chunk's activations and the per-sample operands.
+template <typename acc_t>
+struct Scratch {
+  std::vector<std::vector<acc_t>> Z, Hh;  // [rows, H_i] pre-activations and activations
+  std::vector<acc_t> s, w, ds, dH, dZ, G, kc, M, dM, dk, g;
+  std::vector<int64_t> row0;              // chunk row of each sample of the chunk
+
+  Scratch(const Layout& lay, const Mlp<acc_t>& m, bool backward, bool convert_keys) {
+    int64_t R = std::max<int64_t>(lay.max_rows, 1), Hmax = *std::max_element(m.H.begin(), m.H.end());
+    for (int64_t h : m.H) {
+      Z.emplace_back(R * h);
+      Hh.emplace_back(R * h);
+    }
+    s.resize(R);
+    w.resize(R);
+    M.resize(m.H1 * m.D);
+    if (convert_keys) kc.resize(R * m.D);
+    if (backward) {
+      ds.resize(R);
+      dH.resize(R * Hmax);
+      dZ.resize(R * Hmax);
+      G.resize(R * m.H1);
+      g.resize(R * Hmax);
+      dM.resize(m.H1 * m.D);
+      dk.resize(std::max<int64_t>(lay.max_len, 1) * m.D);
+    }
+  }
+};
+
+// The per-call state shared by the passes: inputs as pointers, the MLP, and C = q @ Wqd^T + b1.
+template <typename scalar_t, typename acc_t>
+struct Problem {
+  const Layout& lay;
+  const Mlp<acc_t>& m;
+  const Config& cfg;
+  const scalar_t* keys;
+  Tensor q, C;  // [B, D], [B, H1] in acc_t
+
+  Problem(const Layout& lay_, const Mlp<acc_t>& m_, const Config& cfg_, const Tensor& keys_c, const Tensor& query)
+      : lay(lay_), m(m_), cfg(cfg_), keys(keys_c.data_ptr<scalar_t>()) {
+    q = as_acc<acc_t>(query);
+    C = at::addmm(m.b1, q, m.Wqd.t()).contiguous();
+  }
+
+  // the chunk's keys as acc_t rows, one pointer per sample (converted into ws.kc for 16-bit inputs)
+  void key_rows(const Chunk& c, Scratch<acc_t>& ws, std::vector<const acc_t*>& kp) const {
+    kp.resize(c.b1 - c.b0);
+    ws.row0.resize(c.b1 - c.b0);
+    int64_t r = 0;
+    for (int64_t b = c.b0; b < c.b1; ++b) {
+      ws.row0[b - c.b0] = r;
+      const scalar_t* src = keys + lay.start[b] * m.D;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        kp[b - c.b0] = src;
+      } else {
+        convert(src, ws.kc.data() + r * m.D, lay.length[b] * m.D);
+        kp[b - c.b0] = ws.kc.data() + r * m.D;
+      }
+      r += lay.length[b];
+    }
+  }
+
+  // M_b = A + Wp * q_b into ws.M
+  void sample_matrix(int64_t b, Scratch<acc_t>& ws) const {
+    const acc_t* qb = q.data_ptr<acc_t>() + b * m.D;
+    const acc_t *A = m.p(m.A), *Wp = m.p(m.Wp);
+    for (int64_t h = 0; h < m.H1; ++h) {
+      acc_t* row = ws.M.data() + h * m.D;
+      std::memcpy(row, A + h * m.D, m.D * sizeof(acc_t));
+      for (int64_t d = 0; d < m.D; ++d) row[d] += Wp[h * m.D + d] * qb[d];
+    }
+  }
+
+  // The chunk's forward up to layer `upto` (n: every layer and the scores; i < n: Z[i] only, with the layers below
+  // activated): Z[i], Hh[i] [rows, H_i], s [rows].
+  void forward(const Chunk& c, Scratch<acc_t>& ws, const std::vector<const acc_t*>& kp, int64_t upto) const {
+    const int64_t R = c.rows, H1 = m.H1, D = m.D;
+    const acc_t* Cb = C.data_ptr<acc_t>();
+    for (int64_t b = c.b0; b < c.b1; ++b) {
+      int64_t L = lay.length[b], r0 = ws.row0[b - c.b0];
+      if (L == 0) continue;
+      sample_matrix(b, ws);
+      acc_t* z = ws.Z[0].data() + r0 * H1;
+      for (int64_t t = 0; t < L; ++t) std::memcpy(z + t * H1, Cb + b * H1, H1 * sizeof(acc_t));
+      mm<acc_t>(false, true, L, H1, D, kp[b - c.b0], D, ws.M.data(), D, acc_t(1), z, H1);
+    }
+    for (int64_t i = 0; i < std::min(upto + 1, m.n); ++i) {
+      const int64_t Hi = m.H[i];
+      if (i > 0) {
+        acc_t* z = ws.Z[i].data();
+        const acc_t* bias = m.p(m.bias[i]);
+        for (int64_t r = 0; r < R; ++r) std::memcpy(z + r * Hi, bias, Hi * sizeof(acc_t));
+        mm<acc_t>(false, true, R, Hi, m.H[i - 1], ws.Hh[i - 1].data(), m.H[i - 1], m.p(m.W[i]), m.H[i - 1],
+                  acc_t(1), z, Hi);
+      }
+      if (i == upto) return;  // a statistics pass: layer `upto`'s pre-activation only
+      for (int64_t r = 0; r < R; ++r) {
+        activation_row<acc_t>(cfg.act, ws.Z[i].data() + r * Hi, ws.Hh[i].data() + r * Hi, Hi, m.alpha_p(i),
+                              m.mean_p(i), m.r_p(i));
+      }
+    }
+    const int64_t Hn = m.H.back();
+    const acc_t* hn = ws.Hh[m.n - 1].data();
+    const acc_t* wl = m.p(m.w_last);
+    for (int64_t r = 0; r < R; ++r) ws.s[r] = dot(hn + r * Hn, wl, Hn) + m.b_last;
+  }
+};
+
+// scores -> weights for rows [r0, r0 + L) of a chunk (none: w = s; softmax of scale * s over the rows)
+template <typename acc_t>
+void normalise(const acc_t* s, acc_t* w, int64_t L, const Config& cfg) {
+  if (!cfg.softmax) {
+    std::memcpy(w, s, L * sizeof(acc_t));
+    return;
+  }
+  SoftmaxState<acc_t> st;
+  const acc_t scale = static_cast<acc_t>(cfg.scale);
+  for (int64_t t = 0; t < L; ++t) st.add(scale * s[t]);
+  for (int64_t t = 0; t < L; ++t) w[t] = st.weight(scale * s[t]);
+}
+
+template <typename T>
+T* ptr_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+
+template <typename acc_t>
+acc_t* data(Tensor& t) {
+  return t.data_ptr<acc_t>();
+}
+
+// Dice in training: the batch statistics of each hidden layer, bottom-up (layer i's pass activates the layers below
+// with their statistics, already known). Sets m.mean, m.r and m.inv_count; returns dice_stats [3, sum H].
+template <typename scalar_t, typename acc_t>
+Tensor dice_batch_stats(const Problem<scalar_t, acc_t>& pb, Mlp<acc_t>& m, std::vector<Scratch<acc_t>>& scratch,
+                        const Config& cfg, const at::TensorOptions& opt) {
+  const Layout& lay = pb.lay;
+  const int64_t P = static_cast<int64_t>(scratch.size()), sumH = m.col.back() + m.H.back();
+  m.mean = at::zeros({sumH}, opt);
+  m.r = at::ones({sumH}, opt);
+  Tensor var_all = at::zeros({sumH}, opt);
+  acc_t count = 0;
+  for (int64_t i = 0; i < m.n; ++i) {
+    const int64_t Hi = m.H[i];
+    std::vector<acc_t> cnt(P, 0), mean(P * Hi, 0), m2(P * Hi, 0);
+    at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<const acc_t*> kp;
+      for (int64_t g = g0; g < g1; ++g) {
+        auto [c0, c1] = lay.group_chunks(g);
+        for (int64_t ci = c0; ci < c1; ++ci) {
+          const Chunk& c = lay.chunks[ci];
+          if (c.rows == 0) continue;
+          pb.key_rows(c, scratch[g], kp);
+          pb.forward(c, scratch[g], kp, i);
+          const acc_t* z = scratch[g].Z[i].data();
+          for (int64_t h = 0; h < Hi; ++h) {  // the chunk's mean, then its centred squares, merged (Chan)
+            acc_t sum = 0, sq = 0;
+            for (int64_t r = 0; r < c.rows; ++r) sum += z[r * Hi + h];
+            const acc_t mu = sum / acc_t(c.rows);
+            for (int64_t r = 0; r < c.rows; ++r) sq += (z[r * Hi + h] - mu) * (z[r * Hi + h] - mu);
+            acc_t n_h = cnt[g];
+            merge_moments<acc_t>(&n_h, &mean[g * Hi + h], &m2[g * Hi + h], acc_t(c.rows), mu, sq);
+          }
+          cnt[g] += acc_t(c.rows);
+        }
+      }
+    });
+    std::vector<acc_t> mu(Hi, 0), sq(Hi, 0);
+    acc_t n_all = 0;
+    for (int64_t g = 0; g < P; ++g) {  // groups in order: deterministic
+      for (int64_t h = 0; h < Hi; ++h) {
+        acc_t n_h = n_all;
+        merge_moments<acc_t>(&n_h, &mu[h], &sq[h], cnt[g], mean[g * Hi + h], m2[g * Hi + h]);
+      }
+      n_all += cnt[g];
+    }
+    acc_t *pm = data<acc_t>(m.mean) + m.col[i], *pr = data<acc_t>(m.r) + m.col[i];
+    acc_t* pv = data<acc_t>(var_all) + m.col[i];
+    for (int64_t h = 0; h < Hi; ++h) {
+      pm[h] = mu[h];
+      pv[h] = n_all > 0 ? sq[h] / n_all : acc_t(0);
+      pr[h] = acc_t(1) / std::sqrt(pv[h] + static_cast<acc_t>(cfg.eps));
+    }
+    count = n_all;
+  }
+  m.inv_count = count > 0 ? acc_t(1) / count : acc_t(0);
+  return at::stack({m.mean.clone(), var_all, at::full({sumH}, count, opt)});
+}
+
+template <typename scalar_t, typename acc_t>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& query, const Tensor& keys,
+                                                                        const Layout& lay, Mlp<acc_t>& m,
+                                                                        const Config& cfg, at::TensorList act_means,
+                                                                        at::TensorList act_vars) {
+  const auto acc_opt = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t B = lay.B, D = lay.D, sumH = m.col.back() + m.H.back();
+  Tensor keys_c = keys.contiguous();
+  Tensor out_w = at::zeros({B, D}, acc_opt);
+  Tensor w_w = lay.jagged ? at::zeros({lay.N}, acc_opt) : at::zeros({B, lay.T}, acc_opt);
+  Tensor dice_stats = at::zeros({3, cfg.dice_train() ? sumH : 0}, acc_opt);
+  if (B > 0) {
+    Problem<scalar_t, acc_t> pb(lay, m, cfg, keys_c, query);
+    std::vector<Scratch<acc_t>> scratch;
+    for (int64_t g = 0; g < lay.groups(); ++g) scratch.emplace_back(lay, m, false, !std::is_same_v<scalar_t, acc_t>);
+    if (cfg.dice_train()) {
+      dice_stats = dice_batch_stats(pb, m, scratch, cfg, acc_opt);
+    } else {
+      set_dice_stats<acc_t>(m, act_means, act_vars, Tensor(), cfg);
+    }
+    acc_t* ow = data<acc_t>(out_w);
+    acc_t* ww = data<acc_t>(w_w);
+    at::parallel_for(0, lay.groups(), 1, [&](int64_t g0, int64_t g1) {
+      std::vector<const acc_t*> kp;
+      for (int64_t g = g0; g < g1; ++g) {
+        Scratch<acc_t>& ws = scratch[g];
+        auto [c0, c1] = lay.group_chunks(g);
+        for (int64_t ci = c0; ci < c1; ++ci) {
+          const Chunk& c = lay.chunks[ci];
+          pb.key_rows(c, ws, kp);
+          if (c.rows > 0) pb.forward(c, ws, kp, m.n);
+          for (int64_t b = c.b0; b < c.b1; ++b) {
+            const int64_t L = lay.length[b], r0 = ws.row0[b - c.b0];
+            acc_t* w = ws.w.data() + r0;
+            normalise<acc_t>(ws.s.data() + r0, w, L, cfg);
+            const acc_t* kb = kp[b - c.b0];
+            for (int64_t t = 0; t < L; ++t) axpy<acc_t>(w[t], kb + t * D, ow + b * D, D);
+            std::memcpy(lay.jagged ? ww + lay.start[b] : ww + b * lay.T, w, L * sizeof(acc_t));
+          }
+        }
+      }
+    });
+  }
+  Tensor out = out_w.to(query.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  Tensor scores = w_w.to(query.scalar_type(), false, true);
+  Tensor scores_acc = cfg.softmax ? w_w : at::empty({0}, acc_opt);
+  Tensor out_acc = cfg.softmax ? out_w : at::empty({0, D}, acc_opt);
+  return {out, scores, dice_stats, scores_acc, out_acc, at::empty({0}, acc_opt)};
+}
+
+// Per-group partial sums of the batch-summed gradients.
+template <typename acc_t>
+struct Partials {
+  std::vector<acc_t> dA, dWp, dwl, dact, sg, sgu;
+  std::vector<std::vector<acc_t>> dW, db;
+  acc_t dbl = 0;
+
+  explicit Partials(const Mlp<acc_t>& m) {
+    const int64_t sumH = m.col.back() + m.H.back();
+    dA.assign(m.H1 * m.D, 0);
+    dWp.assign(m.H1 * m.D, 0);
+    dwl.assign(m.H.back(), 0);
+    dact.assign(sumH, 0);
+    sg.assign(sumH, 0);
+    sgu.assign(sumH, 0);
+    dW.resize(m.n);
+    db.resize(m.n);
+    for (int64_t i = 1; i < m.n; ++i) {
+      dW[i].assign(m.H[i] * m.H[i - 1], 0);
+      db[i].assign(m.H[i], 0);
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct Backward {
+  const Problem<scalar_t, acc_t>& pb;
+  const acc_t* go;        // [B, D] or null
+  const acc_t* gs;        // scores' layout, or null
+  const acc_t* sum_g;     // Dice training: [sum H] batch sums of g and g u (for the layers already summed)
+  const acc_t* sum_gu;
+  scalar_t* dkeys;        // keys' layout
+  acc_t* dq;              // [B, D]
+  acc_t* dc;              // [B, H1]
+
+  // One chunk. stop >= 0: only accumulate layer `stop`'s Dice sums (sum g, sum g u) into part.sg/sgu; stop < 0:
+  // every gradient.
+  void chunk(const Chunk& c, Scratch<acc_t>& ws, std::vector<const acc_t*>& kp, Partials<acc_t>& part,
+             int64_t stop) const {
+    const Layout& lay = pb.lay;
+    const Mlp<acc_t>& m = pb.m;
+    const Config& cfg = pb.cfg;
+    const int64_t D = m.D, H1 = m.H1, R = c.rows;
+    pb.key_rows(c, ws, kp);
+    if (R == 0) return;
+    pb.forward(c, ws, kp, m.n);
+    const acc_t scale = static_cast<acc_t>(cfg.scale);
+    for (int64_t b = c.b0; b < c.b1; ++b) {  // ds of each behaviour
+      const int64_t L = lay.length[b], r0 = ws.row0[b - c.b0];
+      acc_t *w = ws.w.data() + r0, *ds = ws.ds.data() + r0;
+      normalise<acc_t>(ws.s.data() + r0, w, L, cfg);
+      const acc_t* kb = kp[b - c.b0];
+      const acc_t* gsb = gs ? gs + (lay.jagged ? lay.start[b] : b * lay.T) : nullptr;
+      acc_t delta = 0;
+      for (int64_t t = 0; t < L; ++t) {
+        acc_t dw = (gsb ? gsb[t] : acc_t(0)) + (go ? dot(kb + t * D, go + b * D, D) : acc_t(0));
+        ds[t] = dw;
+        delta += w[t] * dw;
+      }
+      if (cfg.softmax)
+        for (int64_t t = 0; t < L; ++t) ds[t] = scale * w[t] * (ds[t] - delta);
+    }
+    const int64_t Hn = m.H.back();
+    const acc_t* wl = m.p(m.w_last);
+    if (stop < 0) {
+      const acc_t* hn = ws.Hh[m.n - 1].data();
+      for (int64_t r = 0; r < R; ++r) {
+        axpy<acc_t>(ws.ds[r], hn + r * Hn, part.dwl.data(), Hn);
+        part.dbl += ws.ds[r];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t* dh = ws.dH.data() + r * Hn;
+      for (int64_t h = 0; h < Hn; ++h) dh[h] = ws.ds[r] * wl[h];
+    }
+    std::vector<acc_t> da_scratch;
+    for (int64_t i = m.n - 1; i >= 0; --i) {
+      const int64_t Hi = m.H[i];
+      acc_t* dz = i == 0 ? ws.G.data() : ws.dZ.data();
+      const acc_t *z = ws.Z[i].data(), *h = ws.Hh[i].data();
+      acc_t* da = part.dact.data() + m.col[i];
+      if (stop >= 0) {
+        da_scratch.assign(Hi, 0);
+        da = da_scratch.data();
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        activation_backward_row<acc_t>(cfg.act, ws.dH.data() + r * Hi, z + r * Hi, h + r * Hi, dz + r * Hi, Hi,
+                                       m.alpha_p(i), m.mean_p(i), m.r_p(i), m.has_alpha ? da : nullptr,
+                                       cfg.act == kDice ? ws.g.data() + r * Hi : nullptr);
+      }
+      if (cfg.dice_train()) {
+        const acc_t *mu = m.mean_p(i), *rr = m.r_p(i);
+        if (i == stop) {
+          acc_t *sg = part.sg.data() + m.col[i], *sgu = part.sgu.data() + m.col[i];
+          for (int64_t r = 0; r < R; ++r) {
+            const acc_t* g = ws.g.data() + r * Hi;
+            for (int64_t j = 0; j < Hi; ++j) {
+              sg[j] += g[j];
+              sgu[j] += g[j] * (z[r * Hi + j] - mu[j]) * rr[j];
+            }
+          }
+          return;
+        }
+        const acc_t *SG = sum_g + m.col[i], *SGU = sum_gu + m.col[i];
+        for (int64_t r = 0; r < R; ++r)  // the term through the batch statistics
+          for (int64_t j = 0; j < Hi; ++j) {
+            const acc_t u = (z[r * Hi + j] - mu[j]) * rr[j];
+            dz[r * Hi + j] -= rr[j] * m.inv_count * (SG[j] + u * SGU[j]);
+          }
+      }
+      if (i > 0) {
+        const int64_t Hp = m.H[i - 1];
+        if (stop < 0) {
+          mm<acc_t>(true, false, Hi, Hp, R, dz, Hi, ws.Hh[i - 1].data(), Hp, acc_t(1), part.dW[i].data(), Hp);
+          for (int64_t r = 0; r < R; ++r) add_to<acc_t>(dz + r * Hi, part.db[i].data(), Hi);
+        }
+        mm<acc_t>(false, false, R, Hp, Hi, dz, Hi, m.p(m.W[i]), Hp, acc_t(0), ws.dH.data(), Hp);
+      }
+    }
+    if (stop >= 0) return;
+    const acc_t *Wp = m.p(m.Wp), *qall = pb.q.template data_ptr<acc_t>();
+    for (int64_t b = c.b0; b < c.b1; ++b) {  // the first layer, per sample
+      const int64_t L = lay.length[b], r0 = ws.row0[b - c.b0];
+      if (L == 0) continue;
+      pb.sample_matrix(b, ws);
+      const acc_t *Gb = ws.G.data() + r0 * H1, *kb = kp[b - c.b0], *w = ws.w.data() + r0, *qb = qall + b * D;
+      mm<acc_t>(false, false, L, D, H1, Gb, H1, ws.M.data(), D, acc_t(0), ws.dk.data(), D);
+      if (go)
+        for (int64_t t = 0; t < L; ++t) axpy<acc_t>(w[t], go + b * D, ws.dk.data() + t * D, D);
+      convert(ws.dk.data(), dkeys + lay.start[b] * D, L * D);
+      mm<acc_t>(true, false, H1, D, L, Gb, H1, kb, D, acc_t(0), ws.dM.data(), D);
+      acc_t* dqb = dq + b * D;
+      for (int64_t h = 0; h < H1; ++h) {
+        const acc_t* dm = ws.dM.data() + h * D;
+        add_to<acc_t>(dm, part.dA.data() + h * D, D);
+        acc_t* dwp = part.dWp.data() + h * D;
+        const acc_t* wp = Wp + h * D;
+        for (int64_t d = 0; d < D; ++d) {
+          dwp[d] += dm[d] * qb[d];
+          dqb[d] += dm[d] * wp[d];
+        }
+      }
+      acc_t* dcb = dc + b * H1;
+      for (int64_t t = 0; t < L; ++t) add_to<acc_t>(Gb + t * H1, dcb, H1);
+    }
+  }
+};
+
+template <typename acc_t>
+Tensor vec_tensor(const std::vector<acc_t>& v, std::vector<int64_t> shape, const at::TensorOptions& opt) {
+  Tensor t = at::empty(shape, opt);
+  std::memcpy(t.data_ptr<acc_t>(), v.data(), v.size() * sizeof(acc_t));
+  return t;
+}
+
+template <typename scalar_t, typename acc_t>
+std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
+    const std::optional<Tensor>& grad_out, const std::optional<Tensor>& grad_scores, const Tensor& query,
+    const Tensor& keys, const Layout& lay, Mlp<acc_t>& m, const Config& cfg, at::TensorList weights,
+    at::TensorList biases, at::TensorList act_weights, at::TensorList act_means, at::TensorList act_vars,
+    const Tensor& dice_stats) {
+  const auto acc_opt = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t B = lay.B, D = lay.D, H1 = m.H1, sumH = m.col.back() + m.H.back();
+  set_dice_stats<acc_t>(m, act_means, act_vars, dice_stats, cfg);
+  Tensor keys_c = keys.contiguous();
+  Tensor dkeys = at::zeros(keys_c.sizes(), keys_c.options());
+  Tensor dq = at::zeros({B, D}, acc_opt), dc = at::zeros({B, H1}, acc_opt);
+  Tensor go, gs;
+  if (grad_out.has_value() && grad_out->defined()) {
+    TORCH_CHECK(grad_out->sizes() == query.sizes(), "target_attention_bwd: grad_out must have shape ", query.sizes(),
+                ", got ", grad_out->sizes());
+    go = as_acc<acc_t>(*grad_out);
+  }
+  if (grad_scores.has_value() && grad_scores->defined()) {
+    auto want = lay.jagged ? std::vector<int64_t>{lay.N} : std::vector<int64_t>{B, lay.T};
+    TORCH_CHECK(grad_scores->sizes() == c10::IntArrayRef(want), "target_attention_bwd: grad_scores must have shape ",
+                c10::IntArrayRef(want), ", got ", grad_scores->sizes());
+    gs = as_acc<acc_t>(*grad_scores);
+  }
+  Partials<acc_t> total(m);
+  if (B > 0) {
+    Problem<scalar_t, acc_t> pb(lay, m, cfg, keys_c, query);
+    const int64_t P = lay.groups();
+    std::vector<Scratch<acc_t>> scratch;
+    std::vector<Partials<acc_t>> parts;
+    for (int64_t g = 0; g < P; ++g) {
+      scratch.emplace_back(lay, m, true, !std::is_same_v<scalar_t, acc_t>);
+      parts.emplace_back(m);
+    }
+    std::vector<acc_t> sum_g(sumH, 0), sum_gu(sumH, 0);
+    Backward<scalar_t, acc_t> bw{pb, go.defined() ? go.data_ptr<acc_t>() : nullptr,
+                                 gs.defined() ? gs.data_ptr<acc_t>() : nullptr, sum_g.data(), sum_gu.data(),
+                                 dkeys.data_ptr<scalar_t>(), dq.data_ptr<acc_t>(), dc.data_ptr<acc_t>()};
+    auto run = [&](int64_t stop) {
+      at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
+        std::vector<const acc_t*> kp;
+        for (int64_t g = g0; g < g1; ++g) {
+          auto [c0, c1] = lay.group_chunks(g);
+          for (int64_t ci = c0; ci < c1; ++ci) bw.chunk(lay.chunks[ci], scratch[g], kp, parts[g], stop);
+        }
+      });
+    };
+    if (cfg.dice_train()) {  // the batch sums of each Dice layer, top-down (layer i's g depends on the layers above)
+      for (int64_t i = m.n - 1; i >= 0; --i) {
+        run(i);
+        for (int64_t g = 0; g < P; ++g) {
+          add_to<acc_t>(parts[g].sg.data() + m.col[i], sum_g.data() + m.col[i], m.H[i]);
+          add_to<acc_t>(parts[g].sgu.data() + m.col[i], sum_gu.data() + m.col[i], m.H[i]);
+        }
+      }
+    }
+    run(-1);
+    for (int64_t g = 0; g < P; ++g) {  // groups in order: deterministic
+      const Partials<acc_t>& p = parts[g];
+      add_to<acc_t>(p.dA.data(), total.dA.data(), H1 * D);
+      add_to<acc_t>(p.dWp.data(), total.dWp.data(), H1 * D);
+      add_to<acc_t>(p.dwl.data(), total.dwl.data(), m.H.back());
+      add_to<acc_t>(p.dact.data(), total.dact.data(), sumH);
+      for (int64_t i = 1; i < m.n; ++i) {
+        add_to<acc_t>(p.dW[i].data(), total.dW[i].data(), total.dW[i].size());
+        add_to<acc_t>(p.db[i].data(), total.db[i].data(), total.db[i].size());
+      }
+      total.dbl += p.dbl;
+    }
+  }
+  Tensor q = as_acc<acc_t>(query);
+  Tensor dq_full = at::addmm(dq, dc, m.Wqd);
+  Tensor dWqd = at::mm(dc.t(), q);
+  Tensor dA = vec_tensor(total.dA, {H1, D}, acc_opt), dWp = vec_tensor(total.dWp, {H1, D}, acc_opt);
+  std::vector<Tensor> dW{at::cat({dWqd, dA, dWqd - dA, dWp}, 1)}, db{dc.sum(0)};
+  for (int64_t i = 1; i < m.n; ++i) {
+    dW.push_back(vec_tensor(total.dW[i], {m.H[i], m.H[i - 1]}, acc_opt));
+    db.push_back(vec_tensor(total.db[i], {m.H[i]}, acc_opt));
+  }
+  dW.push_back(vec_tensor(total.dwl, {1, m.H.back()}, acc_opt));
+  // under softmax the last bias's gradient is exactly 0: the softmax is shift invariant
+  db.push_back(at::full({1}, cfg.softmax ? acc_t(0) : total.dbl, acc_opt));
+  for (size_t i = 0; i < dW.size(); ++i) {
+    dW[i] = dW[i].to(weights[i].scalar_type());
+    db[i] = db[i].to(biases[i].scalar_type());
+  }
+  std::vector<Tensor> da;
+  for (int64_t i = 0; i < static_cast<int64_t>(act_weights.size()); ++i) {
+    Tensor g = vec_tensor(std::vector<acc_t>(total.dact.begin() + m.col[i], total.dact.begin() + m.col[i] + m.H[i]),
+                          {m.H[i]}, acc_opt);
+    if (act_weights[i].numel() == 1) g = g.sum().reshape({1});
+    da.push_back(g.to(act_weights[i].scalar_type()));
+  }
+  return {dq_full.to(query.scalar_type()), dkeys.to(keys.scalar_type()), dW, db, da};
+}
+
+bool any_double(const Tensor& a, const Tensor& b, at::TensorList c, at::TensorList d, at::TensorList e) {
+  auto is = [](const Tensor& t) { return t.scalar_type() == at::kDouble; };
+  if (is(a) || is(b)) return true;
+  for (auto list : {c, d, e})
+    for (const Tensor& t : list)
+      if (is(t)) return true;
+  return false;
+}
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "target_attention: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "target_attention: ", name, " must be floating point, got ",
+              t.scalar_type());
+}
+
+#define DIN_DISPATCH_KEYS(keys_dtype, use_double, NAME, ...)                                   \
+  [&] {                                                                                        \
+    if (use_double) {                                                                          \
+      using scalar_t = double;                                                                 \
+      using acc_t = double;                                                                    \
+      return __VA_ARGS__();                                                                    \
+    }                                                                                          \
+    switch (keys_dtype) {                                                                      \
+      case at::kFloat: {                                                                       \
+        using scalar_t = float;                                                                \
+        using acc_t = float;                                                                   \
+        return __VA_ARGS__();                                                                  \
+      }                                                                                        \
+      case at::kBFloat16: {                                                                    \
+        using scalar_t = at::BFloat16;                                                         \
+        using acc_t = float;                                                                   \
+        return __VA_ARGS__();                                                                  \
+      }                                                                                        \
+      case at::kHalf: {                                                                        \
+        using scalar_t = at::Half;                                                             \
+        using acc_t = float;                                                                   \
+        return __VA_ARGS__();                                                                  \
+      }                                                                                        \
+      default:                                                                                 \
+        TORCH_CHECK(false, NAME, ": keys must be float32, float64, bfloat16 or float16, got ", \
+                    keys_dtype);                                                               \
+    }                                                                                          \
+  }()
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_attention_fwd_cpu(
+    const Tensor& query, const Tensor& keys, const std::optional<Tensor>& lengths,
+    const std::optional<Tensor>& offsets, at::TensorList weights, at::TensorList biases, at::TensorList act_weights,
+    at::TensorList act_means, at::TensorList act_vars, c10::string_view activation, c10::string_view normalization,
+    double scale, bool training, double eps, bool save_z1) {
+  (void)save_z1;  // the CPU backward recomputes the first layer: nothing is kept
+  check_cpu(query, "query");
+  check_cpu(keys, "keys");
+  Config cfg{parse_activation(activation), parse_softmax(normalization), scale, training, eps};
+  Layout lay(query, keys, lengths, offsets);
+  const bool dbl = any_double(query, keys, weights, biases, act_weights);
+  return DIN_DISPATCH_KEYS(keys.scalar_type(), dbl, "target_attention_fwd", [&] {
+    Mlp<acc_t> m = make_mlp<acc_t>(lay.D, weights, biases, act_weights, cfg);
+    Tensor k = keys.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value
+                   ? keys : keys.to(c10::CppTypeToScalarType<scalar_t>::value);
+    return forward_impl<scalar_t, acc_t>(query, k, lay, m, cfg, act_means, act_vars);
+  });
+}
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> target_attention_bwd_cpu(
+    const std::optional<Tensor>& grad_out, const std::optional<Tensor>& grad_scores, const Tensor& query,
+    const Tensor& keys, const std::optional<Tensor>& lengths, const std::optional<Tensor>& offsets,
+    at::TensorList weights, at::TensorList biases, at::TensorList act_weights, at::TensorList act_means,
+    at::TensorList act_vars, const Tensor& dice_stats, const Tensor& scores_acc, const Tensor& out_acc,
+    const Tensor& z1, c10::string_view activation, c10::string_view normalization, double scale, bool training,
+    double eps) {
+  (void)scores_acc;  // the weights are recomputed exactly from the scores; delta_b is formed per sample
+  (void)out_acc;
+  (void)z1;
+  check_cpu(query, "query");
+  check_cpu(keys, "keys");
+  Config cfg{parse_activation(activation), parse_softmax(normalization), scale, training, eps};
+  Layout lay(query, keys, lengths, offsets);
+  const bool dbl = any_double(query, keys, weights, biases, act_weights);
+  return DIN_DISPATCH_KEYS(keys.scalar_type(), dbl, "target_attention_bwd", [&] {
+    Mlp<acc_t> m = make_mlp<acc_t>(lay.D, weights, biases, act_weights, cfg);
+    Tensor k = keys.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value
+                   ? keys : keys.to(c10::CppTypeToScalarType<scalar_t>::value);
+    auto result = backward_impl<scalar_t, acc_t>(grad_out, grad_scores, query, k, lay, m, cfg, weights, biases,
+                                                 act_weights, act_means, act_vars, dice_stats);
+    std::get<1>(result) = std::get<1>(result).to(keys.scalar_type());
+    return result;
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(din_kernels, CPU, m) {
+  m.impl("target_attention_fwd", &target_attention_fwd_cpu);
+  m.impl("target_attention_bwd", &target_attention_bwd_cpu);
+}
+
+}  // namespace din::cpu

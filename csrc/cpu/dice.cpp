@@ -1,0 +1,345 @@
+// Dice (SPEC section 2) on the CPU: din_kernels::dice_fwd, dice_bwd and dice_update_running (schemas in
+// din_kernels/ops/schema.py). x is viewed as [N, C] (positions x channels), the mask as [N].
+//
+// Forward in training: the batch statistics in one read of x (tiles of kTileRows rows: each tile's mean and centred
+// squares while it is in L1, merged with Chan's formula into its group's moments; the P groups of consecutive rows are
+// merged in order, so the result is bit-for-bit the same for a fixed thread count), then one elementwise pass
+//   y = x * (alpha + (1 - alpha) * p),  p = sigmoid(weight * (x - mean) * r + bias),  r = 1 / sqrt(var + eps).
+// Backward: one reduction pass for the per-channel sums (sum g, sum g u, d alpha, d weight, d bias; see
+// din_kernels/torch_impl/dice.py for the formulas) and one elementwise pass for dx. Nothing of size [N, C] is kept.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "vec_math.h"
+
+namespace din::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kTileRows = 64;
+
+int64_t num_groups(int64_t n_rows) {
+  const int64_t tiles = (n_rows + kTileRows - 1) / kTileRows;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+}
+
+// rows [begin, end) of group g of P
+std::pair<int64_t, int64_t> group_rows(int64_t N, int64_t g, int64_t P) {
+  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+  return {std::min(N, tiles * g / P * kTileRows), std::min(N, tiles * (g + 1) / P * kTileRows)};
+}
+
+template <typename acc_t>
+struct Channels {  // per-channel parameters in acc_t
+  Tensor alpha, weight, bias, mean, r;
+  const acc_t* p(const Tensor& t) const { return t.defined() ? t.data_ptr<acc_t>() : nullptr; }
+};
+
+template <typename acc_t>
+Tensor acc(const Tensor& t, int64_t C) {
+  return t.to(c10::CppTypeToScalarType<acc_t>::value).expand({C}).contiguous();
+}
+
+// the gate p = sigmoid(weight * (x - mean) * r + bias) for one row
+template <typename acc_t>
+inline void gate_row(const acc_t* x, acc_t* p, acc_t* u, int64_t C, const Channels<acc_t>& ch) {
+  const acc_t *mean = ch.p(ch.mean), *r = ch.p(ch.r), *w = ch.p(ch.weight), *b = ch.p(ch.bias);
+  constexpr int64_t W = Vec<acc_t>::size();
+  int64_t j = 0;
+  for (; j + W <= C; j += W) {
+    Vec<acc_t> uu = (Vec<acc_t>::loadu(x + j) - Vec<acc_t>::loadu(mean + j)) * Vec<acc_t>::loadu(r + j);
+    if (u) uu.store(u + j);
+    Vec<acc_t> a = uu;
+    if (w) a = a * Vec<acc_t>::loadu(w + j);
+    if (b) a = a + Vec<acc_t>::loadu(b + j);
+    vsigmoid(a).store(p + j);
+  }
+  for (; j < C; ++j) {
+    acc_t uu = (x[j] - mean[j]) * r[j];
+    if (u) u[j] = uu;
+    p[j] = sigmoid<acc_t>((w ? w[j] : acc_t(1)) * uu + (b ? b[j] : acc_t(0)));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+Tensor batch_stats(const scalar_t* x, const bool* mask, int64_t N, int64_t C, const at::TensorOptions& opt) {
+  const int64_t P = num_groups(N);
+  std::vector<acc_t> cnt(P, 0), mean(P * C, 0), m2(P * C, 0);
+  at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<acc_t> tile(kTileRows * C), sum(C), sq(C);
+    for (int64_t g = g0; g < g1; ++g) {
+      auto [r0, r1] = group_rows(N, g, P);
+      for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
+        int64_t n = 0;
+        for (int64_t r = t0; r < std::min(r1, t0 + kTileRows); ++r) {
+          if (mask && !mask[r]) continue;
+          convert(x + r * C, tile.data() + n * C, C);
+          ++n;
+        }
+        if (n == 0) continue;
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        std::fill(sq.begin(), sq.end(), acc_t(0));
+        for (int64_t i = 0; i < n; ++i) add_to<acc_t>(tile.data() + i * C, sum.data(), C);
+        for (int64_t j = 0; j < C; ++j) sum[j] /= acc_t(n);
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t* row = tile.data() + i * C;
+          for (int64_t j = 0; j < C; ++j) sq[j] += (row[j] - sum[j]) * (row[j] - sum[j]);
+        }
+        for (int64_t j = 0; j < C; ++j) {
+          acc_t n_j = cnt[g];
+          merge_moments<acc_t>(&n_j, &mean[g * C + j], &m2[g * C + j], acc_t(n), sum[j], sq[j]);
+        }
+        cnt[g] += acc_t(n);
+      }
+    }
+  });
+  Tensor stats = at::zeros({3, C}, opt);
+  acc_t *mu = stats[0].data_ptr<acc_t>(), *var = stats[1].data_ptr<acc_t>(), *count = stats[2].data_ptr<acc_t>();
+  std::vector<acc_t> M2(C, 0);
+  acc_t n_all = 0;
+  for (int64_t g = 0; g < P; ++g) {
+    for (int64_t j = 0; j < C; ++j) {
+      acc_t n_j = n_all;
+      merge_moments<acc_t>(&n_j, &mu[j], &M2[j], cnt[g], mean[g * C + j], m2[g * C + j]);
+    }
+    n_all += cnt[g];
+  }
+  for (int64_t j = 0; j < C; ++j) {
+    var[j] = n_all > 0 ? M2[j] / n_all : acc_t(0);
+    count[j] = n_all;
+  }
+  return stats;
+}
+
+void check_dice(const Tensor& x, const std::optional<Tensor>& mask, const Tensor& alpha, int64_t C, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor [..., C], got ",
+              x.scalar_type(), " of shape ", x.sizes());
+  TORCH_CHECK(alpha.dim() == 1 && (alpha.numel() == 1 || alpha.numel() == C), op, ": alpha must have shape [", C,
+              "] or [1], got ", alpha.sizes());
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": mask must be bool, got ", mask->scalar_type());
+    TORCH_CHECK(mask->sizes() == x.sizes().slice(0, x.dim() - 1), op, ": mask must have shape ",
+                x.sizes().slice(0, x.dim() - 1), ", got ", mask->sizes());
+  }
+}
+
+void check_channel(const std::optional<Tensor>& t, int64_t C, const char* name, const char* op) {
+  if (t.has_value() && t->defined())
+    TORCH_CHECK(t->dim() == 1 && t->numel() == C, op, ": ", name, " must have shape [", C, "], got ", t->sizes());
+}
+
+template <typename acc_t>
+Channels<acc_t> channels(const Tensor& alpha, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                         const Tensor& mean, const Tensor& var, double eps, int64_t C) {
+  Channels<acc_t> ch;
+  ch.alpha = acc<acc_t>(alpha, C);
+  if (weight.has_value() && weight->defined()) ch.weight = acc<acc_t>(*weight, C);
+  if (bias.has_value() && bias->defined()) ch.bias = acc<acc_t>(*bias, C);
+  ch.mean = acc<acc_t>(mean, C);
+  ch.r = (acc<acc_t>(var, C) + eps).rsqrt().contiguous();
+  return ch;
+}
+
+bool uses_double(const Tensor& x, const Tensor& alpha) {
+  return x.scalar_type() == at::kDouble || alpha.scalar_type() == at::kDouble;
+}
+
+#define DIN_DISPATCH_DICE(x, alpha, ...)                                                                 \
+  [&] {                                                                                                  \
+    if (uses_double(x, alpha)) {                                                                         \
+      using scalar_t = double;                                                                           \
+      using acc_t = double;                                                                              \
+      return __VA_ARGS__();                                                                              \
+    }                                                                                                    \
+    switch (x.scalar_type()) {                                                                           \
+      case at::kFloat: {                                                                                 \
+        using scalar_t = float;                                                                          \
+        using acc_t = float;                                                                             \
+        return __VA_ARGS__();                                                                            \
+      }                                                                                                  \
+      case at::kBFloat16: {                                                                              \
+        using scalar_t = at::BFloat16;                                                                   \
+        using acc_t = float;                                                                             \
+        return __VA_ARGS__();                                                                            \
+      }                                                                                                  \
+      case at::kHalf: {                                                                                  \
+        using scalar_t = at::Half;                                                                       \
+        using acc_t = float;                                                                             \
+        return __VA_ARGS__();                                                                            \
+      }                                                                                                  \
+      default:                                                                                           \
+        TORCH_CHECK(false, "dice: x must be float32, float64, bfloat16 or float16, got ", x.scalar_type()); \
+    }                                                                                                    \
+  }()
+
+template <typename scalar_t>
+Tensor as_rows(const Tensor& x) {
+  return x.to(c10::CppTypeToScalarType<scalar_t>::value).contiguous();
+}
+
+std::tuple<Tensor, Tensor> dice_fwd_cpu(const Tensor& x, const std::optional<Tensor>& mask, const Tensor& alpha,
+                                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                        const std::optional<Tensor>& running_mean,
+                                        const std::optional<Tensor>& running_var, bool training, double eps) {
+  const int64_t C = x.dim() ? x.size(-1) : 0;
+  check_dice(x, mask, alpha, C, "dice_fwd");
+  for (auto [t, name] : {std::pair{&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"},
+                         {&running_var, "running_var"}})
+    check_channel(*t, C, name, "dice_fwd");
+  TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()),
+              "dice_fwd: eval mode (training=False) needs running_mean and running_var");
+  return DIN_DISPATCH_DICE(x, alpha, [&] {
+    const auto opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    Tensor xc = as_rows<scalar_t>(x);
+    const int64_t N = C ? xc.numel() / C : 0;
+    Tensor m = mask.has_value() && mask->defined() ? mask->contiguous() : Tensor();
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    Tensor stats = training ? batch_stats<scalar_t, acc_t>(xp, m.defined() ? m.data_ptr<bool>() : nullptr, N, C, opt)
+                            : at::stack({acc<acc_t>(*running_mean, C), acc<acc_t>(*running_var, C),
+                                         at::zeros({C}, opt)});
+    Channels<acc_t> ch = channels<acc_t>(alpha, weight, bias, stats[0], stats[1], eps, C);
+    Tensor y = at::empty(xc.sizes(), xc.options());
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const acc_t* al = ch.p(ch.alpha);
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> row(C), p(C);
+      constexpr int64_t W = Vec<acc_t>::size();
+      for (int64_t r = r0; r < r1; ++r) {
+        convert(xp + r * C, row.data(), C);
+        gate_row<acc_t>(row.data(), p.data(), nullptr, C, ch);
+        int64_t j = 0;
+        for (; j + W <= C; j += W) {
+          Vec<acc_t> a = Vec<acc_t>::loadu(al + j), xv = Vec<acc_t>::loadu(row.data() + j);
+          (xv * (a + (Vec<acc_t>(1) - a) * Vec<acc_t>::loadu(p.data() + j))).store(p.data() + j);
+        }
+        for (; j < C; ++j) p[j] = dice_forward<acc_t>(row[j], al[j], p[j]);
+        convert(p.data(), yp + r * C, C);
+      }
+    });
+    return std::make_tuple(y.view(x.sizes()).to(x.scalar_type()), stats);
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dice_bwd_cpu(const Tensor& dy, const Tensor& x,
+                                                        const std::optional<Tensor>& mask, const Tensor& alpha,
+                                                        const std::optional<Tensor>& weight,
+                                                        const std::optional<Tensor>& bias, const Tensor& stats,
+                                                        bool training, double eps) {
+  const int64_t C = x.dim() ? x.size(-1) : 0;
+  check_dice(x, mask, alpha, C, "dice_bwd");
+  check_channel(weight, C, "weight", "dice_bwd");
+  check_channel(bias, C, "bias", "dice_bwd");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "dice_bwd: grad_y must have the shape of x ", x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == C, "dice_bwd: stats must have shape [3, ",
+              C, "], got ", stats.sizes());
+  const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
+  return DIN_DISPATCH_DICE(x, alpha, [&] {
+    const auto opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    Tensor xc = as_rows<scalar_t>(x), dyc = as_rows<scalar_t>(dy);
+    const int64_t N = C ? xc.numel() / C : 0;
+    Tensor m = mask.has_value() && mask->defined() ? mask->contiguous() : Tensor();
+    const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+    Tensor st = stats.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    Channels<acc_t> ch = channels<acc_t>(alpha, weight, bias, st[0], st[1], eps, C);
+    const acc_t count = C ? st[2][0].item<acc_t>() : acc_t(0);
+    const scalar_t *xp = xc.data_ptr<scalar_t>(), *dyp = dyc.data_ptr<scalar_t>();
+    const acc_t *al = ch.p(ch.alpha), *wt = ch.p(ch.weight), *rr = ch.p(ch.r);
+    // pass 1: per-channel sums of g = gp * weight, g * u, dy x (1 - p), gp * u, gp, in P ordered groups
+    const int64_t P = num_groups(N);
+    constexpr int kSums = 5;
+    std::vector<acc_t> part(P * kSums * C, 0);
+    at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<acc_t> xr(C), dr(C), p(C), u(C);
+      for (int64_t g = g0; g < g1; ++g) {
+        auto [r0, r1] = group_rows(N, g, P);
+        acc_t *sg = part.data() + g * kSums * C, *sgu = sg + C, *sa = sgu + C, *sw = sa + C, *sb = sw + C;
+        for (int64_t r = r0; r < r1; ++r) {
+          convert(xp + r * C, xr.data(), C);
+          convert(dyp + r * C, dr.data(), C);
+          gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
+          for (int64_t j = 0; j < C; ++j) {
+            const acc_t one_p = acc_t(1) - p[j];
+            const acc_t dyx = dr[j] * xr[j];
+            const acc_t gp = dyx * (acc_t(1) - al[j]) * p[j] * one_p;
+            const acc_t gj = wt ? gp * wt[j] : gp;
+            sg[j] += gj;
+            sgu[j] += gj * u[j];
+            sa[j] += dyx * one_p;
+            sw[j] += gp * u[j];
+            sb[j] += gp;
+          }
+        }
+      }
+    });
+    std::vector<acc_t> sums(kSums * C, 0);
+    for (int64_t g = 0; g < P; ++g) add_to<acc_t>(part.data() + g * kSums * C, sums.data(), kSums * C);
+    const acc_t *SG = sums.data(), *SGU = SG + C;
+    const acc_t inv_n = count > 0 ? acc_t(1) / count : acc_t(0);
+    // pass 2: dx = dy (alpha + (1 - alpha) p) + r g - [training, selected] r / Nv (sum g + u sum g u)
+    Tensor dx = at::empty(xc.sizes(), xc.options());
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> xr(C), dr(C), p(C), u(C);
+      for (int64_t r = r0; r < r1; ++r) {
+        convert(xp + r * C, xr.data(), C);
+        convert(dyp + r * C, dr.data(), C);
+        gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
+        const bool corr = training && (mp == nullptr || mp[r]);
+        for (int64_t j = 0; j < C; ++j) {
+          const acc_t gp = dr[j] * xr[j] * (acc_t(1) - al[j]) * p[j] * (acc_t(1) - p[j]);
+          acc_t v = dr[j] * (al[j] + (acc_t(1) - al[j]) * p[j]) + rr[j] * (wt ? gp * wt[j] : gp);
+          if (corr) v -= rr[j] * inv_n * (SG[j] + u[j] * SGU[j]);
+          p[j] = v;
+        }
+        convert(p.data(), dxp + r * C, C);
+      }
+    });
+    Tensor dalpha = at::empty({C}, opt);
+    std::memcpy(dalpha.data_ptr<acc_t>(), sums.data() + 2 * C, C * sizeof(acc_t));
+    if (alpha.numel() == 1) dalpha = dalpha.sum().reshape({1});
+    Tensor dw = at::empty({has_w ? C : 0}, opt), db = at::empty({has_b ? C : 0}, opt);
+    if (has_w) std::memcpy(dw.data_ptr<acc_t>(), sums.data() + 3 * C, C * sizeof(acc_t));
+    if (has_b) std::memcpy(db.data_ptr<acc_t>(), sums.data() + 4 * C, C * sizeof(acc_t));
+    return std::make_tuple(dx.view(x.sizes()).to(x.scalar_type()), dalpha.to(alpha.scalar_type()),
+                           has_w ? dw.to(weight->scalar_type()) : at::empty({0}, x.options()),
+                           has_b ? db.to(bias->scalar_type()) : at::empty({0}, x.options()));
+  });
+}
+
+void dice_update_running_cpu(const Tensor& running_mean, const Tensor& running_var, const Tensor& stats,
+                             double momentum) {
+  const int64_t C = running_mean.numel();
+  TORCH_CHECK(running_var.numel() == C && stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == C,
+              "dice_update_running: running_mean/running_var must have C = ", C, " entries and stats shape [3, ", C,
+              "], got ", running_var.sizes(), " and ", stats.sizes());
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(),
+              "dice_update_running: the running statistics must be contiguous");
+  Tensor st = stats.to(at::kDouble).contiguous();
+  const double *mean = st[0].data_ptr<double>(), *var = st[1].data_ptr<double>(), *n = st[2].data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "dice_update_running", [&] {
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < C; ++j) {
+      const double unbiased = var[j] * n[j] / std::max(n[j] - 1.0, 1.0);
+      // a channel without positions, or with non-finite statistics, keeps its running values
+      if (!(n[j] > 0) || !std::isfinite(mean[j]) || !std::isfinite(unbiased)) continue;
+      rm[j] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(rm[j]) + momentum * mean[j]);
+      rv[j] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(rv[j]) + momentum * unbiased);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(din_kernels, CPU, m) {
+  m.impl("dice_fwd", &dice_fwd_cpu);
+  m.impl("dice_bwd", &dice_bwd_cpu);
+  m.impl("dice_update_running", &dice_update_running_cpu);
+}
+
+}  // namespace din::cpu
