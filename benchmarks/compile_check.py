@@ -267,7 +267,6 @@ def _run_mba(case: MBACase, gen) -> None:
     counts = torch.randint(1, 10, (case.K,), generator=gen)
     grad_out = torch.randn(case.M, case.D, generator=gen).to(dt)
     trm.mba_l2_dense(weight, torch.zeros_like(weight), ids, counts, 1e-4, 0)
-    trm.mba_rows_sparse(weight, ids, counts, 1e-4, None)
     segments = trm.sort_segments(ids)
     trm.mba_penalty(segments, weight, counts, 1e-4, None)
     trm.embedding_backward_dense(grad_out, segments, weight, counts, 1e-4, 0)

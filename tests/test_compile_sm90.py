@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from din_kernels.triton import attention as tra  # noqa: E402
+from din_kernels.triton import attention_smem  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def _estimate(row) -> int:
     """The backend's own estimate (``_config_smem``, what ``_prune`` uses) for a compiled attention kernel."""
     kwargs = {k: (v == "True" if v in ("True", "False") else v if k == "PREC" else int(v))
               for k, v in row["constexprs"].items()}
-    return tra._config_smem(SimpleNamespace(kwargs={"BLOCK_T": kwargs["BLOCK_T"]}), kwargs)
+    return attention_smem._config_smem(SimpleNamespace(kwargs={"BLOCK_T": kwargs["BLOCK_T"]}), kwargs)
 
 
 def test_every_kernel_compiles_for_sm90(rows):
@@ -47,14 +47,16 @@ def test_every_kernel_compiles_for_sm90(rows):
         assert name in names
     # both backward schemes: dq in the same launch (bfloat16) and split off (float32 at D = 128)
     bwd = [r["constexprs"] for r in kernels if r["kernel"] == "_target_attention_bwd_kernel"]
-    assert {c["MODE"] for c in bwd} >= {"0", "1", "2", "3"}
+    modes = (attention_smem.MODE_GRADS, attention_smem.MODE_DICE_SUMS_TOP, attention_smem.MODE_DICE_SUMS_LAYER1,
+             attention_smem.MODE_DQ_ONLY)
+    assert {c["MODE"] for c in bwd} >= {str(m.value) for m in modes}
 
 
 def test_shared_memory_fits_and_model_bounds_it(rows):
     for r in rows[1:]:
         if "kernel" not in r:
             continue
-        assert r["shared"] <= tra.SM90_SMEM_PER_BLOCK, r
+        assert r["shared"] <= attention_smem.SM90_SMEM_PER_BLOCK, r
         if r["kernel"].startswith("_target_attention") and int(r["constexprs"]["BLOCK_D"]) >= 128:
             assert r["shared"] <= _estimate(r) <= 1.35 * r["shared"], (r, _estimate(r))
 

@@ -39,11 +39,15 @@ def kernel_op(name: str, fake: Callable, mutates_args: Iterable[str] = ()) -> Ca
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-    """``wrap_triton(kernel)[grid](*args, **kwargs)`` with ``num_warps`` 4 on a GPU and 1 in the interpreter.
+    """``wrap_triton(kernel)[grid](*args, **kwargs)``; a kernel without autotuning gets ``num_warps`` 4 on a GPU and
+    1 in the interpreter unless ``kwargs`` name it, an autotuned one the ``num_warps`` of its configs.
 
     Under the interpreter, fake tensors (a launcher traced by hand, e.g. under ``FakeTensorMode``) skip the launch,
     as the traced wrapper does on a GPU."""
-    kwargs.setdefault("num_warps", 1 if triton_interpret() else 4)
+    from triton.runtime import Autotuner
+
+    if not isinstance(kernel, Autotuner):  # a config's num_warps and a keyword num_warps would clash
+        kwargs.setdefault("num_warps", 1 if triton_interpret() else 4)
     if triton_interpret() and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
