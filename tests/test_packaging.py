@@ -50,6 +50,14 @@ def _pinned(name: str) -> str:
     raise AssertionError(f"{name} is not pinned in requirements.txt")
 
 
+def _makefile_install_env() -> dict:
+    """The variables the Makefile sets on its ``pip install ... -e .`` of the package (e.g. a pure-Python build)."""
+    for line in open(os.path.join(ROOT, "Makefile")):
+        if "pip install" in line and "-e ." in line:
+            return dict(re.findall(r"(\w+)=(\S+)\s", line.split("$(PY)", 1)[0]))
+    raise AssertionError("no 'pip install ... -e .' line in the Makefile")
+
+
 def _copy_source(dest: str) -> None:
     """The files git tracks (and the untracked ones it does not ignore), as in the working tree."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
@@ -74,7 +82,7 @@ def test_bare_core_install(tmp_path):
     expected = T.predict(T.runs.load_model(str(run_dir)), data, "test")[2]
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env["DIN_KERNELS_SKIP_CUDA_BUILD"] = "1"
+    env.update(_makefile_install_env())
     py = str(venv / "bin" / "python")
 
     def run(*args, cwd=work, check=True, timeout=600):
@@ -88,7 +96,8 @@ def test_bare_core_install(tmp_path):
         pip = (py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check")
         run(*pip, _pinned("torch"), _pinned("numpy"), _pinned("setuptools"))  # setuptools: the build, as the Makefile
         _copy_source(str(src))
-        run(*pip, "--no-build-isolation", "--no-deps", str(src))  # a regular install from a copy of the checkout
+        # the Makefile's install, but a regular one (not editable) from a copy of the checkout
+        run(*pip, "--no-build-isolation", "--no-deps", str(src))
         shutil.rmtree(src)
         absent = run(py, "-c", "import importlib.util as u; print([m for m in ('pandas', 'sklearn', 'tqdm', "
                                 "'matplotlib', 'triton') if u.find_spec(m)])").stdout.strip()
