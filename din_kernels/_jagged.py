@@ -44,20 +44,18 @@ class JaggedIndex:
         valid: ``[N]`` bool, False at those uncovered rows.
     """
 
-    def __init__(self, offsets: torch.Tensor, N: int) -> None:
+    def __init__(self, offsets: torch.Tensor, N: int, B: int | None = None) -> None:
+        """``B``: the batch size, ``offsets.shape[0] - 1``, when the caller has it as another tensor's size (under
+        ``torch.export`` a size derived as ``offsets.shape[0] - 1`` is specialised away from 0 and 1, the batch's
+        own size is not)."""
+        B = offsets.shape[0] - 1 if B is None else B
         self.offsets = off = safe_offsets(offsets, N)
-        self.lengths = lengths_from_offsets(off)
-        B = self.lengths.shape[0]
+        self.lengths = off[1 : B + 1] - off[:B]
         rows = torch.arange(N, device=offsets.device)
-        if B == 0:
-            self.b_idx = rows.new_zeros(N)
-            self.valid = torch.zeros(N, dtype=torch.bool, device=offsets.device)
-            self.t_idx = rows.new_zeros(N)
-            return
-        b = torch.searchsorted(off[1:].contiguous(), rows, right=True)  # off[b] <= n < off[b + 1]
+        b = torch.searchsorted(off[1 : B + 1], rows, right=True)  # off[b] <= n < off[b + 1]; 0 when B = 0
         self.valid = (rows >= off[0]) & (b < B)
         self.b_idx = torch.where(self.valid, b, B)
-        self.t_idx = torch.where(self.valid, rows - off[b.clamp_max(B - 1)], 0)
+        self.t_idx = torch.where(self.valid, rows - off[b.clamp_max(B)], 0)
 
     @property
     def B(self) -> int:

@@ -213,7 +213,7 @@ class BaseModel(nn.Module):
         Memory-safe for any ``lengths``/``offsets`` (the value checks may be off): they are clamped as in
         :mod:`din_kernels._jagged`, and jagged rows that no sample covers get weight 0."""
         if offsets is not None:
-            index = JaggedIndex(offsets, hist.shape[0])
+            index = JaggedIndex(offsets, hist.shape[0], ad.shape[0])
             pooled = segment_sum(hist, offsets, index)
             weights = index.valid.to(hist.dtype)
         else:

@@ -31,9 +31,11 @@ class MBAEmbedding(nn.Module):
             scatter-add, then eq. 7 literally), ``"torch"`` (scatter-add plus ``index_add_`` of the MBA rows) or
             ``"triton"`` (the ids sorted on the device, then one kernel over the distinct ids: deterministic, no
             atomics, no host sync). Sparse gradients hold one entry per lookup (see
-            :mod:`din_kernels.ops.mba`).
+            :mod:`din_kernels.ops.mba`). Both gradient layouts work under ``torch.compile(fullgraph=True)``, with
+            the id check in the graph or switched off.
     Attributes:
-        last_penalty: ``lam / 2 * sum_j ||W[j]||^2 / n[j]`` of the last forward's distinct ids (for logging).
+        last_penalty: ``lam / 2 * sum_j ||W[j]||^2 / n[j]`` of the last training forward's distinct ids (for
+            logging; a forward in eval mode leaves it as it was).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, counts: Tensor | None = None, lam: float = 0.0,
@@ -70,7 +72,7 @@ class MBAEmbedding(nn.Module):
         flat = torch.cat([t.reshape(-1).long() for t in ids]) if len(ids) > 1 else ids[0]
         flat = _mba.check_id_range(flat, self.num_embeddings)
         fam = _mba.ops(_backend.resolve(self.backend, self.weight.device, "MBAEmbedding", SUPPORTED))
-        if self.lam:
+        if self.lam and self.training:  # for logging a training step; eval (and an exported program) skips it
             with torch.no_grad():
                 self.last_penalty = fam["penalty"](self.weight, flat, self.counts, self.lam, self.padding_idx)
         out = fam["embedding"](self.weight, flat, self.counts, self.lam, self.padding_idx, self.sparse)

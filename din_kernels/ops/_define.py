@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension
+from .. import backend as _backend
 from ..backend import triton_interpret
 from .schema import SCHEMAS
 
@@ -86,3 +87,12 @@ def compiled(op: str, fake: Callable | None = None) -> Any:
     if fake is not None:
         torch.library.register_fake(f"din_kernels::{op}", fake)
     return overload
+
+
+@torch.compiler.assume_constant_result
+def resolve(backend: str, device: torch.device, op: str, supported: tuple[str, ...],
+            covering: tuple[str, ...] | None = None) -> str:
+    """:func:`din_kernels.backend.resolve` with ``covers`` given as the tuple ``covering`` of the backends that cover
+    the call (all when None). A constant for ``torch.compile``: Dynamo calls it while tracing and keeps the name, as
+    it cannot trace the dispatcher queries that find the compiled extension's kernels."""
+    return _backend.resolve(backend, device, op, supported, None if covering is None else covering.__contains__)

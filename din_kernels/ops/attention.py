@@ -216,6 +216,10 @@ if importlib.util.find_spec("triton") is not None:
 _OPS["compiled"] = _register(None, None, False, compiled=True)
 
 
+# the backends whose ops are defined here ("cpu" and "cuda" share the compiled ops, which may be missing)
+_DEFINED = tuple(n for n in SUPPORTED if _OPS.get("compiled" if n in ("cpu", "cuda") else n) is not None)
+
+
 def ops(backend: str) -> tuple:
     """``(fwd, bwd)``: the ops of a concrete backend (``cpu`` and ``cuda`` share the compiled pair)."""
     key = "compiled" if backend in ("cpu", "cuda") else backend
@@ -328,8 +332,9 @@ def target_attention(
     check_attention_inputs(query, keys, lengths, offsets, *mlp[:2], activation, *mlp[2:], normalization, training)
     cfg = AttentionConfig(activation, normalization, 1.0 if softmax_scale is None else float(softmax_scale),
                           bool(training), float(dice_eps))
-    name = _backend.resolve(backend, query.device, "target_attention", SUPPORTED,
-                            lambda n: _supports(n, query, keys, mlp))
+    covering = tuple(n for n in SUPPORTED if n in _DEFINED and _supports(n, query, keys, mlp)) \
+        if backend == "auto" else None
+    name = _define.resolve(backend, query.device, "target_attention", SUPPORTED, covering)
     _check_supported(name, query, keys, mlp)
     if _backend.checks_enabled():
         if offsets is not None:

@@ -273,7 +273,8 @@ def dice(
         ``y`` with the shape and dtype of ``x``.
     """
     check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, mask, training)
-    name = _backend.resolve(backend, x.device, "dice", SUPPORTED, lambda n: _dice_covers(n, x))
+    covering = tuple(n for n in SUPPORTED if _dice_covers(n, x)) if backend == "auto" else None
+    name = _define.resolve(backend, x.device, "dice", SUPPORTED, covering)
     fwd, _, update = ops(name)
     y, stats = fwd(x, mask, alpha, weight, bias, running_mean, running_var, training, eps)
     if training and running_mean is not None and running_var is not None:
