@@ -34,11 +34,14 @@ def test_torch_compile_fullgraph(activation, layout):
         torch.testing.assert_close(a, b)
 
 
-def test_auto_on_cpu_is_torch_and_unavailable_backends_raise():
+def test_auto_on_cpu_and_unavailable_backends_raise():
     assert dk.backend.resolve("auto", torch.device("cpu"), "target_attention", ("reference", "torch")) == "torch"
+    built = dk._extension.loaded()
+    assert dk.backend.resolve("auto", torch.device("cpu"), "target_attention",
+                              ("reference", "torch", "cpu")) == ("cpu" if built else "torch")
     q, k, lengths = torch.randn(2, 3), torch.randn(2, 4, 3), torch.tensor([1, 4])
     m = dk.TargetAttention(3, hidden=(4,))
-    for name in ("cuda", "cpu"):
+    for name in ("cuda",) if built else ("cuda", "cpu"):
         m.backend = name
         with pytest.raises(dk.BackendUnavailableError, match=repr(name)):
             m(q, k, lengths)

@@ -296,7 +296,7 @@ struct Scratch {
   std::vector<acc_t> s, w, ds, dH, dZ, dZT, G, GT, kc, M, MT, dM, dk, g;
   std::vector<int64_t> row0;              // chunk row of each sample of the chunk
 
-  Scratch(const Layout& lay, const Mlp<acc_t>& m, bool backward, bool convert_keys) {
+  Scratch(const Layout& lay, const Mlp<acc_t>& m, bool backward) {
     int64_t R = std::max<int64_t>(lay.max_rows, 1), Hmax = *std::max_element(m.H.begin(), m.H.end());
     for (int64_t h : m.H) {
       Z.emplace_back(R * h);
@@ -305,7 +305,7 @@ struct Scratch {
     s.resize(R);
     w.resize(R);
     MT.resize(m.H1 * m.D);
-    if (convert_keys) kc.resize(R * m.D);
+    kc.resize(R * m.D);
     if (backward) {
       ds.resize(R);
       dH.resize(R * Hmax);
@@ -336,20 +336,17 @@ struct Problem {
     C = at::addmm(m.b1, q, m.Wqd.t()).contiguous();
   }
 
-  // the chunk's keys as acc_t rows, one pointer per sample (converted into ws.kc for 16-bit inputs)
+  // the chunk's keys as contiguous acc_t rows in ws.kc (converted from 16-bit inputs), one pointer per sample: one
+  // streaming pass over the keys, after which the GEMMs read them from L2 (measured: faster than reading the keys
+  // tensor in place, even for float32)
   void key_rows(const Chunk& c, Scratch<acc_t>& ws, std::vector<const acc_t*>& kp) const {
     kp.resize(c.b1 - c.b0);
     ws.row0.resize(c.b1 - c.b0);
     int64_t r = 0;
     for (int64_t b = c.b0; b < c.b1; ++b) {
       ws.row0[b - c.b0] = r;
-      const scalar_t* src = keys + lay.start[b] * m.D;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        kp[b - c.b0] = src;
-      } else {
-        convert(src, ws.kc.data() + r * m.D, lay.length[b] * m.D);
-        kp[b - c.b0] = ws.kc.data() + r * m.D;
-      }
+      convert(keys + lay.start[b] * m.D, ws.kc.data() + r * m.D, lay.length[b] * m.D);
+      kp[b - c.b0] = ws.kc.data() + r * m.D;
       r += lay.length[b];
     }
   }
@@ -382,27 +379,30 @@ struct Problem {
   void forward(const Chunk& c, Scratch<acc_t>& ws, const std::vector<const acc_t*>& kp, int64_t upto) const {
     const int64_t R = c.rows, H1 = m.H1, D = m.D;
     const acc_t* Cb = C.data_ptr<acc_t>();
-    for (int64_t b = c.b0; b < c.b1; ++b) {
+    for (int64_t b = c.b0; b < c.b1; ++b) {  // K_b @ M_b^T; the bias c_b is added in the activation's pass
       int64_t L = lay.length[b], r0 = ws.row0[b - c.b0];
       if (L == 0) continue;
       sample_matrix_t(b, ws);
-      acc_t* z = ws.Z[0].data() + r0 * H1;
-      for (int64_t t = 0; t < L; ++t) std::memcpy(z + t * H1, Cb + b * H1, H1 * sizeof(acc_t));
-      gemm_nn(L, H1, D, kp[b - c.b0], D, ws.MT.data(), H1, true, z, H1);
+      gemm_nn(L, H1, D, kp[b - c.b0], D, ws.MT.data(), H1, false, ws.Z[0].data() + r0 * H1, H1);
     }
     for (int64_t i = 0; i < std::min(upto + 1, m.n); ++i) {
       const int64_t Hi = m.H[i];
-      if (i > 0) {
-        acc_t* z = ws.Z[i].data();
-        const acc_t* bias = m.p(m.bias[i]);
-        for (int64_t r = 0; r < R; ++r) std::memcpy(z + r * Hi, bias, Hi * sizeof(acc_t));
-        gemm_nn(R, Hi, m.H[i - 1], ws.Hh[i - 1].data(), m.H[i - 1], m.p(m.WT[i]), Hi, true, z, Hi);
+      acc_t *z = ws.Z[i].data(), *h = ws.Hh[i].data();
+      if (i > 0) gemm_nn(R, Hi, m.H[i - 1], ws.Hh[i - 1].data(), m.H[i - 1], m.p(m.WT[i]), Hi, false, z, Hi);
+      // row r's bias: c_b of its sample in the first layer, b_i above
+      auto bias_of = [&](int64_t b) { return i == 0 ? Cb + b * H1 : m.p(m.bias[i]); };
+      for (int64_t b = c.b0; b < c.b1; ++b) {
+        const int64_t r0 = ws.row0[b - c.b0], L = lay.length[b];
+        const acc_t* bias = bias_of(b);
+        for (int64_t r = r0; r < r0 + L; ++r) {
+          if (i == upto) {  // a statistics pass: layer `upto`'s pre-activation only
+            add_to<acc_t>(bias, z + r * Hi, Hi);
+          } else {
+            activation_row<acc_t>(cfg.act, z + r * Hi, h + r * Hi, Hi, m.alpha_p(i), m.mean_p(i), m.r_p(i), bias);
+          }
+        }
       }
-      if (i == upto) return;  // a statistics pass: layer `upto`'s pre-activation only
-      for (int64_t r = 0; r < R; ++r) {
-        activation_row<acc_t>(cfg.act, ws.Z[i].data() + r * Hi, ws.Hh[i].data() + r * Hi, Hi, m.alpha_p(i),
-                              m.mean_p(i), m.r_p(i));
-      }
+      if (i == upto) return;
     }
     const int64_t Hn = m.H.back();
     const acc_t* hn = ws.Hh[m.n - 1].data();
@@ -507,7 +507,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const Te
   if (B > 0) {
     Problem<scalar_t, acc_t> pb(lay, m, cfg, keys_c, query);
     std::vector<Scratch<acc_t>> scratch;
-    for (int64_t g = 0; g < lay.groups(); ++g) scratch.emplace_back(lay, m, false, !std::is_same_v<scalar_t, acc_t>);
+    for (int64_t g = 0; g < lay.groups(); ++g) scratch.emplace_back(lay, m, false);
     if (cfg.dice_train()) {
       dice_stats = dice_batch_stats(pb, m, scratch, cfg, acc_opt);
     } else {
@@ -642,21 +642,12 @@ struct Backward {
         const acc_t *mu = m.mean_p(i), *rr = m.r_p(i);
         if (i == stop) {
           acc_t *sg = part.sg.data() + m.col[i], *sgu = part.sgu.data() + m.col[i];
-          for (int64_t r = 0; r < R; ++r) {
-            const acc_t* g = ws.g.data() + r * Hi;
-            for (int64_t j = 0; j < Hi; ++j) {
-              sg[j] += g[j];
-              sgu[j] += g[j] * (z[r * Hi + j] - mu[j]) * rr[j];
-            }
-          }
+          for (int64_t r = 0; r < R; ++r) dice_sums_row<acc_t>(ws.g.data() + r * Hi, z + r * Hi, mu, rr, sg, sgu, Hi);
           return;
         }
         const acc_t *SG = sum_g + m.col[i], *SGU = sum_gu + m.col[i];
         for (int64_t r = 0; r < R; ++r)  // the term through the batch statistics
-          for (int64_t j = 0; j < Hi; ++j) {
-            const acc_t u = (z[r * Hi + j] - mu[j]) * rr[j];
-            dz[r * Hi + j] -= rr[j] * m.inv_count * (SG[j] + u * SGU[j]);
-          }
+          dice_correction_row<acc_t>(z + r * Hi, mu, rr, SG, SGU, m.inv_count, dz + r * Hi, Hi);
       }
       if (i > 0) {
         const int64_t Hp = m.H[i - 1];
@@ -675,23 +666,18 @@ struct Backward {
       if (L == 0) continue;
       pb.sample_matrix(b, ws);
       const acc_t *Gb = ws.G.data() + r0 * H1, *kb = kp[b - c.b0], *w = ws.w.data() + r0, *qb = qall + b * D;
-      gemm_nn(L, D, H1, Gb, H1, ws.M.data(), D, false, ws.dk.data(), D);
+      // d keys = G_b @ M_b + w grad_out_b, in L1, then stored
+      acc_t* dk = ws.dk.data();
+      gemm_nn(L, D, H1, Gb, H1, ws.M.data(), D, false, dk, D);
       if (go)
-        for (int64_t t = 0; t < L; ++t) axpy<acc_t>(w[t], go + b * D, ws.dk.data() + t * D, D);
-      convert(ws.dk.data(), dkeys + lay.start[b] * D, L * D);
+        for (int64_t t = 0; t < L; ++t) axpy<acc_t>(w[t], go + b * D, dk + t * D, D);
+      convert(dk, dkeys + lay.start[b] * D, L * D);
       transpose(Gb, L, H1, H1, ws.GT.data(), L);
       gemm_nn(H1, D, L, ws.GT.data(), L, kb, D, false, ws.dM.data(), D);
       acc_t* dqb = dq + b * D;
-      for (int64_t h = 0; h < H1; ++h) {
-        const acc_t* dm = ws.dM.data() + h * D;
-        add_to<acc_t>(dm, part.dA.data() + h * D, D);
-        acc_t* dwp = part.dWp.data() + h * D;
-        const acc_t* wp = Wp + h * D;
-        for (int64_t d = 0; d < D; ++d) {
-          dwp[d] += dm[d] * qb[d];
-          dqb[d] += dm[d] * wp[d];
-        }
-      }
+      for (int64_t h = 0; h < H1; ++h)  // d(Wk - Wd) += dM_b, dWp += dM_b * q_b, dq_b += sum_h dM_b * Wp
+        first_layer_grads_row<acc_t>(ws.dM.data() + h * D, qb, Wp + h * D, part.dA.data() + h * D,
+                                     part.dWp.data() + h * D, dqb, D);
       acc_t* dcb = dc + b * H1;
       for (int64_t t = 0; t < L; ++t) add_to<acc_t>(Gb + t * H1, dcb, H1);
     }
@@ -737,7 +723,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     std::vector<Scratch<acc_t>> scratch;
     std::vector<Partials<acc_t>> parts;
     for (int64_t g = 0; g < P; ++g) {
-      scratch.emplace_back(lay, m, true, !std::is_same_v<scalar_t, acc_t>);
+      scratch.emplace_back(lay, m, true);
       parts.emplace_back(m);
     }
     std::vector<acc_t> sum_g(sumH, 0), sum_gu(sumH, 0);

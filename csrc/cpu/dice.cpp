@@ -44,25 +44,53 @@ Tensor acc(const Tensor& t, int64_t C) {
   return t.to(c10::CppTypeToScalarType<acc_t>::value).expand({C}).contiguous();
 }
 
-// the gate p = sigmoid(weight * (x - mean) * r + bias) for one row
+// the gate p = sigmoid(weight * (x - mean) * r + bias) for one row, and u = (x - mean) * r (u may be null)
 template <typename acc_t>
 inline void gate_row(const acc_t* x, acc_t* p, acc_t* u, int64_t C, const Channels<acc_t>& ch) {
   const acc_t *mean = ch.p(ch.mean), *r = ch.p(ch.r), *w = ch.p(ch.weight), *b = ch.p(ch.bias);
-  constexpr int64_t W = Vec<acc_t>::size();
-  int64_t j = 0;
-  for (; j + W <= C; j += W) {
-    Vec<acc_t> uu = (Vec<acc_t>::loadu(x + j) - Vec<acc_t>::loadu(mean + j)) * Vec<acc_t>::loadu(r + j);
-    if (u) uu.store(u + j);
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t k) {
+    Vec<acc_t> uu = (ld(x + j, k) - ld(mean + j, k)) * ld(r + j, k);
+    if (u) st(uu, u + j, k);
     Vec<acc_t> a = uu;
-    if (w) a = a * Vec<acc_t>::loadu(w + j);
-    if (b) a = a + Vec<acc_t>::loadu(b + j);
-    vsigmoid(a).store(p + j);
-  }
-  for (; j < C; ++j) {
-    acc_t uu = (x[j] - mean[j]) * r[j];
-    if (u) u[j] = uu;
-    p[j] = sigmoid<acc_t>((w ? w[j] : acc_t(1)) * uu + (b ? b[j] : acc_t(0)));
-  }
+    if (w) a = a * ld(w + j, k);
+    if (b) a = a + ld(b + j, k);
+    st(vsigmoid(a), p + j, k);
+  });
+}
+
+// Backward pass 1 at one row: per-channel sums of g = gp * weight, g * u, dy x (1 - p), gp * u and gp, where
+// gp = dy x (1 - alpha) p (1 - p) (weight: null without affine)
+template <typename T>
+inline void backward_sums_row(const T* x, const T* dy, const T* p, const T* u, const T* alpha, const T* weight, T* sg,
+                              T* sgu, T* sa, T* sw, T* sb, int64_t C) {
+  const Vec<T> one(T(1));
+  for_vectors<T>(C, [&](int64_t j, int64_t k) {
+    Vec<T> pv = ld(p + j, k), uv = ld(u + j, k), one_p = one - pv;
+    Vec<T> dyx = ld(dy + j, k) * ld(x + j, k);
+    Vec<T> gp = dyx * (one - ld(alpha + j, k)) * pv * one_p;
+    Vec<T> g = weight ? gp * ld(weight + j, k) : gp;
+    st(ld(sg + j, k) + g, sg + j, k);
+    st(at::vec::fmadd(g, uv, ld(sgu + j, k)), sgu + j, k);
+    st(at::vec::fmadd(dyx, one_p, ld(sa + j, k)), sa + j, k);
+    st(at::vec::fmadd(gp, uv, ld(sw + j, k)), sw + j, k);
+    st(ld(sb + j, k) + gp, sb + j, k);
+  });
+}
+
+// Backward pass 2 at one row, into p: dx = dy (alpha + (1 - alpha) p) + r g [- r / Nv (sum g + u sum g u) when
+// sum_g is given: a position the statistics were taken over, in training]
+template <typename T>
+inline void backward_dx_row(const T* x, const T* dy, T* p, const T* u, const T* alpha, const T* weight, const T* r,
+                            const T* sum_g, const T* sum_gu, T inv_n, int64_t C) {
+  const Vec<T> one(T(1)), inv(inv_n);
+  for_vectors<T>(C, [&](int64_t j, int64_t k) {
+    Vec<T> pv = ld(p + j, k), al = ld(alpha + j, k), dyv = ld(dy + j, k), rv = ld(r + j, k);
+    Vec<T> gp = dyv * ld(x + j, k) * (one - al) * pv * (one - pv);
+    Vec<T> g = weight ? gp * ld(weight + j, k) : gp;
+    Vec<T> v = at::vec::fmadd(rv, g, dyv * (al + (one - al) * pv));
+    if (sum_g) v = v - rv * inv * at::vec::fmadd(ld(u + j, k), ld(sum_gu + j, k), ld(sum_g + j, k));
+    st(v, p + j, k);
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -87,7 +115,10 @@ Tensor batch_stats(const scalar_t* x, const bool* mask, int64_t N, int64_t C, co
         for (int64_t j = 0; j < C; ++j) sum[j] /= acc_t(n);
         for (int64_t i = 0; i < n; ++i) {
           const acc_t* row = tile.data() + i * C;
-          for (int64_t j = 0; j < C; ++j) sq[j] += (row[j] - sum[j]) * (row[j] - sum[j]);
+          for_vectors<acc_t>(C, [&](int64_t j, int64_t k) {
+            Vec<acc_t> d = ld(row + j, k) - ld(sum.data() + j, k);
+            st(at::vec::fmadd(d, d, ld(sq.data() + j, k)), sq.data() + j, k);
+          });
         }
         for (int64_t j = 0; j < C; ++j) {
           acc_t n_j = cnt[g];
@@ -208,16 +239,13 @@ std::tuple<Tensor, Tensor> dice_fwd_cpu(const Tensor& x, const std::optional<Ten
     const acc_t* al = ch.p(ch.alpha);
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> row(C), p(C);
-      constexpr int64_t W = Vec<acc_t>::size();
       for (int64_t r = r0; r < r1; ++r) {
         convert(xp + r * C, row.data(), C);
         gate_row<acc_t>(row.data(), p.data(), nullptr, C, ch);
-        int64_t j = 0;
-        for (; j + W <= C; j += W) {
-          Vec<acc_t> a = Vec<acc_t>::loadu(al + j), xv = Vec<acc_t>::loadu(row.data() + j);
-          (xv * (a + (Vec<acc_t>(1) - a) * Vec<acc_t>::loadu(p.data() + j))).store(p.data() + j);
-        }
-        for (; j < C; ++j) p[j] = dice_forward<acc_t>(row[j], al[j], p[j]);
+        for_vectors<acc_t>(C, [&](int64_t j, int64_t k) {
+          Vec<acc_t> a = ld(al + j, k), xv = ld(row.data() + j, k);
+          st(xv * (a + (Vec<acc_t>(1) - a) * ld(p.data() + j, k)), p.data() + j, k);
+        });
         convert(p.data(), yp + r * C, C);
       }
     });
@@ -262,17 +290,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dice_bwd_cpu(const Tensor& dy, const 
           convert(xp + r * C, xr.data(), C);
           convert(dyp + r * C, dr.data(), C);
           gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
-          for (int64_t j = 0; j < C; ++j) {
-            const acc_t one_p = acc_t(1) - p[j];
-            const acc_t dyx = dr[j] * xr[j];
-            const acc_t gp = dyx * (acc_t(1) - al[j]) * p[j] * one_p;
-            const acc_t gj = wt ? gp * wt[j] : gp;
-            sg[j] += gj;
-            sgu[j] += gj * u[j];
-            sa[j] += dyx * one_p;
-            sw[j] += gp * u[j];
-            sb[j] += gp;
-          }
+          backward_sums_row<acc_t>(xr.data(), dr.data(), p.data(), u.data(), al, wt, sg, sgu, sa, sw, sb, C);
         }
       }
     });
@@ -290,12 +308,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dice_bwd_cpu(const Tensor& dy, const 
         convert(dyp + r * C, dr.data(), C);
         gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
         const bool corr = training && (mp == nullptr || mp[r]);
-        for (int64_t j = 0; j < C; ++j) {
-          const acc_t gp = dr[j] * xr[j] * (acc_t(1) - al[j]) * p[j] * (acc_t(1) - p[j]);
-          acc_t v = dr[j] * (al[j] + (acc_t(1) - al[j]) * p[j]) + rr[j] * (wt ? gp * wt[j] : gp);
-          if (corr) v -= rr[j] * inv_n * (SG[j] + u[j] * SGU[j]);
-          p[j] = v;
-        }
+        backward_dx_row<acc_t>(xr.data(), dr.data(), p.data(), u.data(), al, wt, rr, corr ? SG : nullptr, SGU, inv_n, C);
         convert(p.data(), dxp + r * C, C);
       }
     });
