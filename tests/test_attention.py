@@ -23,6 +23,33 @@ def test_torch_backend_matches_reference(activation, normalization, layout, trai
                          normalization=normalization, training=training, scale=0.7)
 
 
+def test_tolerance_catches_a_tenfold_precision_loss(monkeypatch):
+    """The torch backend's float32 tolerance (tests/conftest.py) is about 2.5x its worst measured error: an output
+    10x less precise (relative error 9e-5 against 9.3e-6) fails the comparison."""
+    import din_kernels.torch_impl.attention as impl
+
+    case = attention_case(B=5, T=7, D=6, hidden=(8, 5), seed=1)
+    compare_to_reference(case, "torch", torch.float32, normalization="softmax")
+    exact = impl.attention_fwd
+
+    def imprecise(*args, **kwargs):
+        out, *rest = exact(*args, **kwargs)
+        return (out * (1 + 9e-5), *rest)
+
+    monkeypatch.setattr(impl, "attention_fwd", imprecise)
+    with pytest.raises(AssertionError, match=r"out: relative error 9\.0\d*e-05 > 2\.5e-05 \(torch"):
+        compare_to_reference(case, "torch", torch.float32, normalization="softmax")
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_last_bias_gradient_is_exactly_zero_under_softmax(layout):
+    """The softmax is shift invariant: the score's bias gets exactly 0, not the rounding noise of a sum."""
+    case = attention_case(B=6, T=9, D=12, hidden=(16, 8), activation="dice", seed=2)
+    grads = run_attention(case, "torch", torch.float32, layout, "dice", "softmax", training=True)[2]
+    assert torch.equal(grads["biases[2]"], torch.zeros(1))
+    assert grads["biases[1]"].abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["sigmoid", "dice"])
 def test_torch_backend_dtypes(dtype, activation):

@@ -64,7 +64,10 @@ class MBAEmbedding(nn.Module):
         self.last_penalty: Tensor | None = None
 
     def forward(self, *ids: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """Each ``ids[i]`` of any shape ``S_i`` gives an output ``S_i + [D]``; one input gives one tensor."""
+        """Each ``ids[i]`` of any shape ``S_i`` gives an output ``S_i + [D]``; one input gives one tensor.
+
+        Ids outside ``[0, K)`` raise ``ValueError``; with ``din_kernels.checks(False)`` they read the nearest row
+        (clamped) and give no gradient or MBA term."""
         if not ids:
             raise ValueError("MBAEmbedding needs at least one ids tensor")
         for i, t in enumerate(ids):

@@ -310,7 +310,9 @@ def target_attention(
     Args:
         query: ``[B, D]``, the candidate ad.
         keys: ``[B, T, D]`` padded (with ``lengths`` ``[B]``; ``lengths=None`` means all T valid) or ``[N, D]``
-            jagged (with ``offsets`` ``[B + 1]``).
+            jagged (with ``offsets`` ``[B + 1]``). Invalid ``lengths``/``offsets`` values raise ``ValueError``;
+            with ``din_kernels.checks(False)`` they are clamped instead (no error, no access out of bounds, an
+            unspecified result).
         weights, biases: the MLP's ``nn.Linear`` parameters ``[H1, 4D], [H2, H1], ..., [1, Hn]`` and their biases.
         activation: ``sigmoid`` | ``relu`` | ``prelu`` | ``dice``. ``act_weights`` holds the PReLU weights or the
             Dice alphas (one ``[H_i]`` per hidden layer); ``act_means``/``act_vars`` the Dice running statistics,

@@ -291,7 +291,8 @@ def mba_l2_(
         weight: ``[K, D]`` embedding table.
         grad: ``[K, D]`` dense (updated in place and returned) or sparse COO (a new, coalesced sparse grad is
             returned).
-        ids: any shape, int32/int64: the ids looked up in the batch (all lookups of this table in the step).
+        ids: any shape, int32/int64: the ids looked up in the batch (all lookups of this table in the step). Ids
+            outside ``[0, K)`` raise ``ValueError``; with ``din_kernels.checks(False)`` they are skipped instead.
         counts: ``[K]``: in how many training samples id j occurs.
     Returns:
         ``(grad, penalty)`` with ``penalty = lam / 2 * sum_j ||W[j]||^2 / n[j]`` (0-dim).
