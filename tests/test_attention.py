@@ -7,7 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import din_kernels as dk
+from din_kernels import _extension
 from din_kernels.reference import target_attention_ref
+
+COMPILED = ["cpu"] if _extension.loaded() else []  # the C++ CPU kernels, when built
 
 ACTIVATIONS = ["sigmoid", "relu", "prelu", "dice"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -73,7 +76,7 @@ def test_chunked_cpu_path_matches_reference(monkeypatch):
         compare_to_reference(case, "torch", torch.float64, layout=layout, normalization="softmax")
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", *COMPILED])
 def test_jagged_equals_padded(backend):
     case = attention_case(B=6, T=8, D=4, activation="relu", seed=5)
     a = run_attention(case, backend, torch.float64, "padded", "relu", "softmax")
@@ -95,7 +98,7 @@ def test_empty_sequences_give_zero_never_nan(normalization, dtype):
 
 
 @pytest.mark.parametrize("layout", ["padded", "jagged"])
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", *COMPILED])
 def test_empty_batch(layout, backend):
     case = attention_case(B=0, T=3, D=4, lengths=[], seed=7)
     out, w, grads, _ = run_attention(case, backend, torch.float32, layout)
@@ -166,7 +169,7 @@ def test_hypothesis_shapes(B, T, D, H1, activation, normalization, layout, seed)
                          normalization=normalization, training=True)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", *COMPILED])
 def test_module_matches_reference_and_updates_dice_running_stats(backend):
     torch.manual_seed(0)
     m = dk.TargetAttention(6, hidden=(8, 4), activation="dice", normalization="softmax", backend=backend)
@@ -198,7 +201,7 @@ def test_module_layout_and_names():
         dk.TargetAttention(5, hidden=())
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", *COMPILED])
 def test_dice_running_stats_follow_batchnorm1d_over_valid_behaviours(backend):
     """The first hidden layer's Dice statistics: nn.BatchNorm1d fed only the valid behaviours' pre-activations."""
     torch.manual_seed(3)

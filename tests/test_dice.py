@@ -12,7 +12,7 @@ from din_kernels.ops import dice as dice_ops
 from din_kernels.reference.dice import dice_ref
 from din_kernels.triton import dice as triton_dice
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", *(["cpu"] if dice_ops._OPS.get("compiled") else [])]  # cpu: the C++ kernels
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 

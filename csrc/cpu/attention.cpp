@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "gemm_bf16.h"
 #include "vec_math.h"
 
 namespace din::cpu {
@@ -294,9 +295,10 @@ template <typename acc_t>
 struct Scratch {
   std::vector<std::vector<acc_t>> Z, Hh;  // [rows, H_i] pre-activations and activations
   std::vector<acc_t> s, w, ds, dH, dZ, dZT, G, GT, kc, M, MT, dM, dk, g;
+  std::vector<c10::BFloat16> k16, Bv;  // bfloat16 keys [rows, D rounded up to even] and M_b^T in VNNI pairs
   std::vector<int64_t> row0;              // chunk row of each sample of the chunk
 
-  Scratch(const Layout& lay, const Mlp<acc_t>& m, bool backward) {
+  Scratch(const Layout& lay, const Mlp<acc_t>& m, bool backward, bool bf16_keys) {
     int64_t R = std::max<int64_t>(lay.max_rows, 1), Hmax = *std::max_element(m.H.begin(), m.H.end());
     for (int64_t h : m.H) {
       Z.emplace_back(R * h);
@@ -306,6 +308,12 @@ struct Scratch {
     w.resize(R);
     MT.resize(m.H1 * m.D);
     kc.resize(R * m.D);
+#ifdef DIN_HAS_BF16_DOT
+    if (bf16_keys) {
+      k16.assign(R * bf16::padded_depth(m.D), c10::BFloat16(0.0f));
+      Bv.assign(bf16::padded_depth(m.D) * bf16::padded_cols(m.H1), c10::BFloat16(0.0f));
+    }
+#endif
     if (backward) {
       ds.resize(R);
       dH.resize(R * Hmax);
@@ -346,6 +354,13 @@ struct Problem {
     for (int64_t b = c.b0; b < c.b1; ++b) {
       ws.row0[b - c.b0] = r;
       convert(keys + lay.start[b] * m.D, ws.kc.data() + r * m.D, lay.length[b] * m.D);
+#ifdef DIN_HAS_BF16_DOT
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // the bfloat16 rows too, at an even stride
+        const int64_t Dp = bf16::padded_depth(m.D);
+        for (int64_t t = 0; t < lay.length[b]; ++t)
+          std::memcpy(ws.k16.data() + (r + t) * Dp, keys + (lay.start[b] + t) * m.D, m.D * sizeof(scalar_t));
+      }
+#endif
       kp[b - c.b0] = ws.kc.data() + r * m.D;
       r += lay.length[b];
     }
@@ -383,6 +398,16 @@ struct Problem {
       int64_t L = lay.length[b], r0 = ws.row0[b - c.b0];
       if (L == 0) continue;
       sample_matrix_t(b, ws);
+#ifdef DIN_HAS_BF16_DOT
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // bfloat16 keys: vdpbf16ps with M_b^T in bf16
+        const int64_t Np = bf16::padded_cols(H1), Dp = bf16::padded_depth(D);
+        for (int64_t d = 0; d < D; d += 2)
+          bf16::pack_pair(ws.MT.data() + d * H1, d + 1 < D ? ws.MT.data() + (d + 1) * H1 : nullptr, d, H1, Np,
+                          ws.Bv.data());
+        bf16::gemm(L, H1, Dp, ws.k16.data() + r0 * Dp, Dp, ws.Bv.data(), false, ws.Z[0].data() + r0 * H1, H1);
+        continue;
+      }
+#endif
       gemm_nn(L, H1, D, kp[b - c.b0], D, ws.MT.data(), H1, false, ws.Z[0].data() + r0 * H1, H1);
     }
     for (int64_t i = 0; i < std::min(upto + 1, m.n); ++i) {
@@ -507,7 +532,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const Te
   if (B > 0) {
     Problem<scalar_t, acc_t> pb(lay, m, cfg, keys_c, query);
     std::vector<Scratch<acc_t>> scratch;
-    for (int64_t g = 0; g < lay.groups(); ++g) scratch.emplace_back(lay, m, false);
+    for (int64_t g = 0; g < lay.groups(); ++g) scratch.emplace_back(lay, m, false, std::is_same_v<scalar_t, at::BFloat16>);
     if (cfg.dice_train()) {
       dice_stats = dice_batch_stats(pb, m, scratch, cfg, acc_opt);
     } else {
@@ -723,7 +748,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     std::vector<Scratch<acc_t>> scratch;
     std::vector<Partials<acc_t>> parts;
     for (int64_t g = 0; g < P; ++g) {
-      scratch.emplace_back(lay, m, true);
+      scratch.emplace_back(lay, m, true, std::is_same_v<scalar_t, at::BFloat16>);
       parts.emplace_back(m);
     }
     std::vector<acc_t> sum_g(sumH, 0), sum_gu(sumH, 0);
