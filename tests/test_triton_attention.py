@@ -198,19 +198,22 @@ def test_out_of_range_lengths_are_clamped_without_checks():
         run_attention(case, "triton", torch.float32)
 
 
-def test_invalid_offsets_stay_in_bounds_without_checks():
-    """Forward and backward run (clamped, memory-safe) on offsets that are not a partition; the checks reject them."""
+def test_invalid_offsets_stay_in_bounds_without_checks(poison):
+    """Forward and backward run (clamped, memory-safe) on offsets that are not a partition; the checks reject them.
+    Rows that no sample covers get weight 0 and gradient 0 (never an unwritten buffer)."""
     q, keys = torch.randn(3, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     W = [torch.randn(5, 16, requires_grad=True), torch.randn(1, 5, requires_grad=True)]
     b = [torch.randn(5), torch.randn(1)]
-    for offsets in ([0, 4, 2, 6], [0, 3, 99, 6], [-5, 2, 4, 100]):
+    cases = (([0, 4, 2, 6], []), ([0, 3, 99, 6], []), ([-5, 2, 4, 100], []), ([1, 2, 2, 4], [0, 4, 5]))
+    for offsets, uncovered in cases:
         offsets = torch.tensor(offsets)
         with dk.checks(False):
             out, w = dk.target_attention(q, keys, W, b, offsets=offsets, normalization="softmax",
                                          return_scores=True, backend="triton")
-            dq, dW = torch.autograd.grad(out.sum() + w.sum(), [q, W[0]])
+            dq, dW, dkeys = torch.autograd.grad(out.sum() + w.sum(), [q, W[0], keys])
         assert out.shape == (3, 4) and w.shape == (6,)
-        assert torch.isfinite(dq).all() and torch.isfinite(dW).all()
+        assert torch.isfinite(dq).all() and torch.isfinite(dW).all() and torch.isfinite(dkeys).all()
+        assert not w[uncovered].any() and not dkeys[uncovered].any()
         with pytest.raises(ValueError, match="offsets"):
             dk.target_attention(q, keys, W, b, offsets=offsets, backend="triton")
 

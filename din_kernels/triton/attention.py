@@ -204,7 +204,9 @@ def target_attention_fwd(
     dev = query.device
     dice_train = activation == "dice" and training
     out = _alloc.empty(pb.B, pb.D, dtype=query.dtype, device=dev)
-    w = _alloc.empty(*((pb.N,) if pb.jagged else (pb.B, pb.T)), dtype=query.dtype, device=dev)
+    # jagged: rows that no sample covers (only with invalid offsets and the checks off) are never written by a kernel
+    w = (torch.zeros(pb.N, dtype=query.dtype, device=dev) if pb.jagged
+         else _alloc.empty(pb.B, pb.T, dtype=query.dtype, device=dev))
     softmax = normalization == "softmax"
     w32 = _alloc.empty(pb.rows if softmax else 0, dtype=torch.float32, device=dev)
     out32 = _alloc.empty(pb.B if softmax else 0, pb.D, dtype=torch.float32, device=dev)
@@ -265,7 +267,7 @@ def target_attention_bwd(
     f32 = torch.float32
     dice_train = activation == "dice" and training
     B, D, H1, H2, HL, HT = pb.B, pb.D, pb.H1, pb.H2, pb.HL, pb.HT
-    dk = _alloc.empty(*keys.shape, dtype=keys.dtype, device=dev)
+    dk = (torch.zeros if pb.jagged else _alloc.empty)(*keys.shape, dtype=keys.dtype, device=dev)
     if B == 0:
         zeros = lambda ts: [torch.zeros_like(t) for t in ts]  # noqa: E731
         return (_alloc.empty(0, D, dtype=query.dtype, device=dev), torch.zeros_like(dk), zeros(weights),
