@@ -227,6 +227,16 @@ class BaseModel(nn.Module):
         jagged)."""
         lengths, offsets = self._layout(batch)
         ad, hist, other = self._embed(batch)
+        return self.forward_embedded(ad, hist, other, lengths, offsets, return_scores)
+
+    def forward_embedded(self, ad: Tensor, hist: Tensor, other: Sequence[Tensor], lengths: Tensor | None = None,
+                         offsets: Tensor | None = None,
+                         return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The model after its embedding tables, for embeddings looked up elsewhere (e.g. TorchRec's sharded
+        tables, :mod:`din_kernels.torchrec`): ``ad`` ``[B, Di]``, ``hist`` padded ``[B, T, Di]`` with ``lengths``
+        ``[B]`` or jagged ``[N, Di]`` with ``offsets`` ``[B + 1]``, ``other`` the per-sample embeddings ``[B, *]`` of
+        the user (one-hot fields, then the sum-pooled multi-hot fields) and context fields, in schema order.
+        Returns what :meth:`forward` returns."""
         pooled = self.interest(ad, hist, lengths, offsets, return_scores)
         scores = None
         if return_scores:
