@@ -146,7 +146,9 @@ setup(
     packages=find_packages(include=["din_kernels", "din_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton>=3.2"], "train": ["pandas", "scikit-learn", "tqdm"], "plots": ["matplotlib"]},
+    extras_require={"triton": ["triton>=3.2"], "train": ["pandas", "scikit-learn", "tqdm"], "plots": ["matplotlib"],
+                    "torchrec": ["torch==2.13.0", "fbgemm-gpu-cpu==1.8.0", "tensordict==0.15.3", "torchmetrics==1.0.3",
+                                 "pyre-extensions==0.0.32"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

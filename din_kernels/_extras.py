@@ -2,8 +2,10 @@
 
 The core (``import din_kernels``: the ops, the modules, the models, the synthetic data, checkpoints) needs torch and
 numpy only. ``train``: what ``python -m din_kernels train`` / ``eval`` need (the metrics, the raw data readers,
-progress bars). ``plots``: the run's ``curves.png`` and ``attention.png``. Keep this table and setup.py's
-``extras_require`` in step (tests/test_packaging.py checks it).
+progress bars). ``plots``: the run's ``curves.png`` and ``attention.png``. ``torchrec``: ``din_kernels.torchrec``
+and ``train --engine torchrec``, pinned to a torch, fbgemm and torchrec that work together; torchrec itself is
+installed without its dependencies (:data:`NO_DEPS`: its metadata asks for the CUDA build of fbgemm, the extra brings
+the CPU build). Keep this table and setup.py's ``extras_require`` in step (tests/test_packaging.py checks it).
 """
 
 from __future__ import annotations
@@ -15,18 +17,25 @@ from types import ModuleType
 EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "train": (("pandas", "pandas"), ("sklearn", "scikit-learn"), ("tqdm", "tqdm")),
     "plots": (("matplotlib", "matplotlib"),),
+    "torchrec": (("torch", "torch"), ("fbgemm_gpu", "fbgemm-gpu-cpu"), ("tensordict", "tensordict"),
+                 ("torchmetrics", "torchmetrics"), ("pyre_extensions", "pyre-extensions")),
 }
+# extra -> ((module, pinned requirement installed with --no-deps after the extra), ...)
+NO_DEPS: dict[str, tuple[tuple[str, str], ...]] = {"torchrec": (("torchrec", "torchrec==1.8.0"),)}
 
 
 def install_hint(extra: str) -> str:
     """The command that installs ``extra``."""
-    return f"pip install 'din_kernels[{extra}]'"
+    hint = f"pip install 'din_kernels[{extra}]'"
+    if extra in NO_DEPS:
+        hint += " && pip install --no-deps " + " ".join(req for _, req in NO_DEPS[extra])
+    return hint
 
 
 def missing(extra: str) -> list[str]:
     """The distributions of ``extra`` whose module cannot be imported (empty when all are there)."""
     out = []
-    for module, dist in EXTRAS[extra]:
+    for module, dist in EXTRAS[extra] + tuple((m, req.split("==")[0]) for m, req in NO_DEPS.get(extra, ())):
         try:
             importlib.import_module(module)
         except ImportError:
