@@ -5,7 +5,13 @@ takes one global batch of ``batch_size * world_size`` samples, every rank its ow
 counted over the whole training split (each rank counts its share, then ``all_reduce``), and the MBA term is added
 once per distinct id of the global batch after the gradients are averaged, so ``world_size`` processes with
 ``batch_size`` follow one process with ``batch_size * world_size`` step for step (up to float rounding). Dice's
-batch statistics stay per rank (as ``nn.BatchNorm1d`` without synchronisation).
+batch statistics stay per rank (as ``nn.BatchNorm1d`` without synchronisation). ``--nproc N`` starts the N local
+processes itself (through torchrun).
+
+``--engine torchrec`` (the ``torchrec`` extra) shards the embedding tables over the processes with TorchRec
+(``--sharding`` row-, table- or column-wise) instead of replicating them, the optimizer fused into the tables'
+backward and the dense modules under DDP; it follows the same steps (see :mod:`din_kernels.torchrec.training` for
+its checkpoints).
 
 A run writes its folder as :mod:`din_kernels.runs` describes (``model.pt``, ``last.pt``, ``metrics.json``, plots),
 every file atomically. The training order of epoch ``e`` is a function of ``(seed, e)`` alone, and ``last.pt``
@@ -99,8 +105,11 @@ SYNTHETIC_USERS = Bound(int, 10)  # every split gets a user
 CHOICES: dict[str, tuple] = {
     "model": tuple(runs.MODELS), "dataset": DATASETS, "activation": ("prelu", "dice"),
     "att_activation": (None, "sigmoid", "relu", "prelu", "dice"), "backend": BACKENDS,
-    "layout": ("padded", "jagged"), "optimizer": ("adam", "sgd"),
+    "layout": ("padded", "jagged"), "optimizer": ("adam", "sgd", "adagrad"), "engine": ("torch", "torchrec"),
+    "sharding": ("row", "table", "column"),
 }
+NPROC = Bound(int, 1)
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
 # settings that do not change what a run computes: the ones --resume may change
 _RESUMABLE = ("out", "progress", "threads")
 
@@ -130,6 +139,9 @@ class TrainConfig:
     threads: int | None = 1
     progress: bool = True
     synthetic: SyntheticConfig | None = field(default=None)
+    engine: str = "torch"
+    nproc: int = 1
+    sharding: str = "row"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,6 +158,8 @@ class TrainConfig:
         if self.synthetic is not None and not SYNTHETIC_USERS.admits(self.synthetic.num_users):
             raise ConfigError("synthetic_users", f"must be {SYNTHETIC_USERS.describe()}, "
                                                  f"got {self.synthetic.num_users!r}")
+        if not NPROC.admits(self.nproc):
+            raise ConfigError("nproc", f"must be {NPROC.describe()}, got {self.nproc!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -156,6 +170,43 @@ class TrainConfig:
             kw["synthetic"] = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                  for k, v in kw["synthetic"].items()})
         return cls(**kw)
+
+
+def check_engine(config: TrainConfig, world_size: int | None = None) -> None:
+    """Raises :class:`ConfigError` for ``nproc`` when the run has another number of processes (``world_size``,
+    when given) and for an ``optimizer`` that the torchrec engine cannot fuse on this machine's device, and
+    ``ModuleNotFoundError`` naming the ``torchrec`` extra when ``engine`` is ``torchrec`` and it is missing."""
+    if world_size is not None and config.nproc > 1 and world_size != config.nproc:
+        raise ConfigError("nproc", f"{config.nproc} processes were asked for, this run has {world_size}: "
+                                   f"`python -m din_kernels train --nproc {config.nproc}` starts them (or "
+                                   f"torchrun --nproc_per_node {config.nproc})")
+    if config.engine != "torchrec":
+        return
+    problem = _extras.missing_message("torchrec", "--engine torchrec")
+    if problem:
+        raise ModuleNotFoundError(problem)
+    from .torchrec.training import unsupported
+
+    reason = unsupported(config.optimizer)
+    if reason:
+        raise ConfigError("optimizer", reason)
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """``python -m din_kernels ARGV`` in ``nproc`` local processes (torchrun's launcher, a rendezvous on a free
+    local port); 0, or the exit status of the first process that failed."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(launch, sys.executable)("-m", "din_kernels", *argv)
+    except ChildFailedError as e:
+        return max(f.exitcode for f in e.failures.values()) or 1
+    return 0
 
 
 @torch.no_grad()
@@ -343,6 +394,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_engine(config, world_size)
     distributed = world_size > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -369,20 +421,32 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             for c in counts.values():
                 dist.all_reduce(c)
         model.set_mba(0.0 if distributed else config.mba_lambda, counts)
-    opt_class = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
-    opt = opt_class(model.parameters(), lr=config.lr)
+    engine = None
+    if config.engine == "torchrec":  # the tables (and their MBA counts) move into TorchRec's sharded tables
+        from .torchrec import training as _torchrec
+
+        engine = _torchrec.build(model, config)
+        model, net, opt = engine.model, engine.net, engine.optimizer
+    else:
+        opt = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr)
     # everything the next epoch depends on but the model, the optimizer and the RNGs (saved in last.pt)
     loop: dict[str, Any] = {"epoch": 0, "step": 0, "seen": 0, "train_s": 0.0, "best": -math.inf, "bad": 0,
                             "best_epoch": 0, "done": False,
                             "history": {"train_loss": [], "val": [], "epoch_s": [], "mba_penalty": []}}
     best_state = None
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
+        if engine is not None:
+            best_state = engine.load(config.out, saved["sharded"])
+        else:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            best_state = saved["best_state"]
         loop = {k: saved[k] for k in loop}
-        best_state = saved["best_state"]
         _set_rng_state(saved["rng"])
-    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    if engine is None:
+        net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    else:
+        engine.remove_stale(config.out, saved["sharded"] if saved is not None else None)
     if rank == 0:
         runs.remove_temporaries(config.out)
     history = loop["history"]
@@ -398,11 +462,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         t_epoch = time.perf_counter()
         epoch_seen = 0
         for batch in bar:
+            if engine is not None:
+                batch = engine.to_device(batch)
             loss = F.binary_cross_entropy_with_logits(net(batch), batch["label"])
             opt.zero_grad(set_to_none=False)
             loss.backward()
             if config.mba_lambda:
-                penalty = (_global_mba_(model, batch, config.mba_lambda, world_size) if distributed
+                penalty = (_global_mba_(model, batch, config.mba_lambda, world_size) if distributed and engine is None
                            else float(model.mba_penalty()))
                 history["mba_penalty"].append(penalty)
             opt.step()
@@ -428,21 +494,33 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         improved = best_state is None or score > loop["best"]
         if improved:
             loop["best"], loop["bad"], loop["best_epoch"] = score, 0, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = (engine.snapshot() if engine is not None
+                          else {k: v.detach().clone() for k, v in model.state_dict().items()})
         else:
             loop["bad"] += 1
         loop["done"] = (loop["bad"] > config.patience
                         or (config.max_steps is not None and loop["step"] >= config.max_steps))
+        if engine is not None:  # collective: every rank writes its shards, rank 0 gathers the selected model
+            state = {"sharded": engine.save(config.out, epoch + 1, best_state)}
+            selected = engine.full_state(best_state) if improved else None
+        else:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "best_state": best_state}
+            selected = best_state
         if rank == 0:
             if improved:
-                runs.save(_model_checkpoint(config, data, best_state, epoch + 1),
+                runs.save(_model_checkpoint(config, data, selected, epoch + 1),
                           os.path.join(config.out, runs.MODEL_FILE))
-            runs.save({"format": runs.FORMAT, "config": asdict(config), **loop, "model": model.state_dict(),
-                       "optimizer": opt.state_dict(), "best_state": best_state, "rng": _rng_state()},
+            runs.save({"format": runs.FORMAT, "config": asdict(config), **loop, **state, "rng": _rng_state()},
                       os.path.join(config.out, runs.STATE_FILE))
+        if engine is not None:
+            engine.remove_stale(config.out, state["sharded"])
 
     best_epoch = loop["best_epoch"]
-    model.load_state_dict(best_state)
+    if engine is not None:
+        engine.restore(best_state)
+        best_state = engine.full_state(best_state)  # the whole model on rank 0 (collective)
+    else:
+        model.load_state_dict(best_state)
     test = evaluate_split(model, data, "test", config)
     results = {
         "model": config.model, "dataset": config.dataset, "activation": config.activation,
@@ -459,9 +537,14 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         runs.save_json(results, os.path.join(config.out, runs.METRICS_FILE))
         tqdm.write(f"{config.model} test auc {test['auc']:.4f} gauc {test['gauc']:.4f} "
                    f"logloss {test['logloss']:.4f} -> {config.out}")
+        if engine is not None:  # the plots from the whole model, on this process alone
+            model = runs.build_model(asdict(config), data.schema)
+            model.load_state_dict(best_state)
         _write_plots(model, data, history, config.out)
     if distributed:
         dist.barrier()
+    if engine is not None:
+        engine.close()
     return results
 
 
@@ -545,6 +628,16 @@ def _train_arguments(t: argparse.ArgumentParser, defaults: bool = True) -> None:
            "intra-op threads per process (0: torch's default); 1 avoids contention on a small CPU")
     add("--synthetic-users", s.num_users, type=SYNTHETIC_USERS.parse, metavar="N",
         help=f"users of the synthetic data; {SYNTHETIC_USERS.describe()}")
+    add("--engine", None, choices=CHOICES["engine"],
+        help=f"where the embedding tables live: torch (whole on every process, DDP with several) or torchrec "
+             f"(sharded over the processes by TorchRec: {_extras.install_hint('torchrec')}); {d.engine} when not "
+             "given")
+    add("--nproc", None, type=NPROC.parse, metavar="N",
+        help=f"local processes to train with (started through torchrun: gloo on the CPU, nccl on GPUs); "
+             f"{NPROC.describe()}, {d.nproc} when not given")
+    add("--sharding", None, choices=CHOICES["sharding"],
+        help=f"how --engine torchrec splits each table over the processes: by rows, whole tables, or columns; "
+             f"{d.sharding} when not given")
     add("--no-progress", False, action="store_true", help="no progress bar")
     add("--resume", False, action="store_true",
         help="continue the run in --out from its last finished epoch (last.pt), with the run's own settings")
@@ -581,7 +674,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, patience=args.patience, max_steps=args.max_steps, max_len=args.max_len, seed=args.seed,
         threads=args.threads or None, progress=not args.no_progress,
         synthetic=SyntheticConfig(num_users=args.synthetic_users, seed=args.seed) if args.dataset == "synthetic"
-        else None,
+        else None, engine=args.engine or TrainConfig.engine, nproc=args.nproc or TrainConfig.nproc,
+        sharding=args.sharding or TrainConfig.sharding,
     )
 
 
@@ -629,6 +723,13 @@ def main(argv: list[str] | None = None) -> int:
                                           args.layout, args.device, args.backend)))
             return 0
         config = _resumed_config(args, argv) if args.resume else _config_from_args(args)
+        problem = _extras.missing_message("torchrec", "--engine torchrec") if config.engine == "torchrec" else None
+        if problem:
+            print(f"{parser.prog} {args.command}: error: {problem}", file=sys.stderr)
+            return 2
+        if config.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            check_engine(config)
+            return _launch(config.nproc, argv)
         train(config, resume=args.resume)
     except ConfigError as e:
         print(f"{parser.prog} {args.command}: error: {e.flag_message()}", file=sys.stderr)
