@@ -60,6 +60,17 @@ class MLP(NamedTuple):
         return tuple(list(x) for x in self)
 
 
+class AttentionInputs(NamedTuple):
+    """The leading tensors of an attention op: ``query`` [B, D] (or [Nq, D] with ``query_offsets``), ``keys``
+    [B, T, D] with ``lengths`` [B] or [N, D] with ``offsets`` [B + 1] (B users with ``query_offsets`` [B + 1])."""
+
+    query: Tensor
+    keys: Tensor
+    lengths: Tensor | None
+    offsets: Tensor | None
+    query_offsets: Tensor | None
+
+
 class AttentionSaved(NamedTuple):
     """What a backward takes from its forward besides the inputs (see :mod:`din_kernels.ops.schema`):
     ``dice_stats`` [3, sum(H)], ``scores_acc``, ``out_acc`` [B, D] (softmax) and ``z1`` (or empty tensors)."""

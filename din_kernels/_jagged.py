@@ -106,3 +106,49 @@ def segment_sum(values: torch.Tensor, offsets: torch.Tensor, index: JaggedIndex 
         index = JaggedIndex(offsets, values.shape[0])
     out = values.new_zeros((index.B + 1,) + tuple(values.shape[1:]))
     return out.index_add_(0, index.b_idx, values)[: index.B]
+
+
+class CandidateIndex:
+    """Several candidates per history: which user each of the ``Nq`` query rows belongs to, for ``query_offsets``
+    [U + 1] made safe by :func:`safe_offsets` (memory-safe for any values; rows no user covers have no history).
+
+    Attributes:
+        user: ``[Nq]`` int64, the user of each candidate, clamped into ``[0, U)`` (0 when U = 0).
+        valid: ``[Nq]`` bool, False for candidates no user covers.
+    """
+
+    def __init__(self, query_offsets: torch.Tensor, Nq: int) -> None:
+        index = JaggedIndex(query_offsets, Nq)
+        U = index.B
+        self.valid = index.valid
+        self.user = torch.where(index.valid, index.b_idx, 0).clamp_max(max(U - 1, 0))
+        self.U = U
+
+    def lengths(self, user_lengths: torch.Tensor) -> torch.Tensor:
+        """``[Nq]``: each candidate's history length (0 for uncovered candidates)."""
+        if self.U == 0:
+            return torch.zeros_like(self.user)
+        return torch.where(self.valid, user_lengths.long()[self.user], 0)
+
+
+def repeat_histories(keys: torch.Tensor, lengths: torch.Tensor | None, offsets: torch.Tensor | None,
+                     query_offsets: torch.Tensor, Nq: int):
+    """The literal repeat of each user's history once per candidate (the oracle's layout; the fast paths never build
+    it): ``(keys_rep, lengths_rep, offsets_rep)`` with ``keys_rep`` [Nq, T, D] and ``lengths_rep`` [Nq] padded, or
+    ``[sum_i L_u(i), D]`` and ``offsets_rep`` [Nq + 1] jagged. Indexing ``keys`` keeps autograd: the keys' gradient
+    sums over each user's candidates."""
+    cand = CandidateIndex(query_offsets, Nq)
+    if offsets is None:
+        T = keys.shape[1]
+        rep_len = cand.lengths(safe_lengths(lengths, T))
+        if cand.U == 0:
+            return keys.new_zeros(Nq, T, keys.shape[-1]), rep_len, None
+        return keys[cand.user], rep_len, None
+    users = JaggedIndex(offsets, keys.shape[0])
+    rep_len = cand.lengths(users.lengths)
+    rep_offsets = offsets_from_lengths(rep_len)
+    R = int(rep_offsets[-1])
+    owner = torch.repeat_interleave(torch.arange(Nq, device=keys.device), rep_len, output_size=R)
+    starts = users.offsets[:-1][cand.user] if cand.U else torch.zeros_like(cand.user)
+    rows = starts[owner] + torch.arange(R, device=keys.device) - rep_offsets[:-1][owner]
+    return keys[rows], None, rep_offsets

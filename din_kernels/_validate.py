@@ -59,32 +59,44 @@ def check_attention_inputs(
     act_vars: Sequence[torch.Tensor],
     normalization: str,
     training: bool,
+    query_offsets: torch.Tensor | None = None,
 ) -> None:
-    """Static checks of :func:`din_kernels.target_attention`'s arguments (no device sync)."""
+    """Static checks of :func:`din_kernels.target_attention`'s arguments (no device sync). With ``query_offsets``
+    [U + 1] the keys describe U users and ``query`` holds their candidates; without, U = B."""
     check_float("query", query)
     check_float("keys", keys)
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("normalization", normalization, NORMALIZATIONS)
     check_rank("query", query, 2, "[B, D]")
     B, D = query.shape
+    if query_offsets is not None:
+        check_index("query_offsets", query_offsets)
+        check_rank("query_offsets", query_offsets, 1, "[U + 1]")
+        if query_offsets.shape[0] < 1:
+            raise ValueError("query_offsets must have U + 1 >= 1 entries, got 0")
+    U = B if query_offsets is None else query_offsets.shape[0] - 1
+    users = "the batch size" if query_offsets is None else "the number of users U (query_offsets has U + 1 entries)"
     if (lengths is None) == (offsets is None):
         raise ValueError("give exactly one of lengths (padded keys [B, T, D]) and offsets (jagged keys [N, D])")
     if lengths is not None:
         check_index("lengths", lengths)
         check_rank("keys", keys, 3, "[B, T, D] when lengths is given")
         check_rank("lengths", lengths, 1, "[B]")
-        if keys.shape[0] != B:
-            raise ValueError(f"keys has batch size {keys.shape[0]} but query has {B}")
-        if lengths.shape[0] != B:
-            raise ValueError(f"lengths has {lengths.shape[0]} entries but the batch size is {B}")
+        if keys.shape[0] != U:
+            who = "query has" if query_offsets is None else "query_offsets gives U ="
+            raise ValueError(f"keys has batch size {keys.shape[0]} but {who} {U}")
+        if lengths.shape[0] != U:
+            raise ValueError(f"lengths has {lengths.shape[0]} entries but {users} is {U}")
     else:
         check_index("offsets", offsets)
         check_rank("keys", keys, 2, "[N, D] when offsets is given")
         check_rank("offsets", offsets, 1, "[B + 1]")
-        if offsets.shape[0] != B + 1:
-            raise ValueError(f"offsets has {offsets.shape[0]} entries but must have B + 1 = {B + 1}")
+        if offsets.shape[0] != U + 1:
+            need = "B + 1" if query_offsets is None else "U + 1 (the users of query_offsets)"
+            raise ValueError(f"offsets has {offsets.shape[0]} entries but must have {need} = {U + 1}")
     if keys.shape[-1] != D:
         raise ValueError(f"keys has embedding size D = {keys.shape[-1]} but query has D = {D}")
+    check_device(query.device, query_offsets=query_offsets)
     check_device(query.device, keys=keys, lengths=lengths, offsets=offsets)
     if len(weights) < 2 or len(weights) != len(biases):
         raise ValueError(
@@ -138,19 +150,20 @@ def check_lengths_values(lengths: torch.Tensor, T: int) -> None:
         raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values in [{lo}, {hi}]")
 
 
-def check_offsets_values(offsets: torch.Tensor, N: int) -> None:
-    """Value check of ``offsets`` (offsets[0] = 0, non-decreasing, offsets[-1] = N); reads the tensor."""
+def check_offsets_values(offsets: torch.Tensor, N: int, name: str = "offsets", rows: str = "keys") -> None:
+    """Value check of ``offsets`` (offsets[0] = 0, non-decreasing, offsets[-1] = N); reads the tensor. ``name``/
+    ``rows``: the argument and what it partitions, for messages."""
     first, last = int(offsets[0]), int(offsets[-1])
     if first != 0:
-        raise ValueError(f"offsets[0] must be 0, got {first}")
+        raise ValueError(f"{name}[0] must be 0, got {first}")
     if last != N:
-        raise ValueError(f"offsets[-1] must equal the number of keys N = {N}, got {last}")
+        raise ValueError(f"{name}[-1] must equal the number of {rows} N = {N}, got {last}")
     if offsets.numel() > 1:
         steps = offsets[1:] - offsets[:-1]
         worst = int(steps.min())
         if worst < 0:
             at = int(torch.argmin(steps))
             raise ValueError(
-                f"offsets must be non-decreasing, got offsets[{at}] = {int(offsets[at])} > "
-                f"offsets[{at + 1}] = {int(offsets[at + 1])}"
+                f"{name} must be non-decreasing, got {name}[{at}] = {int(offsets[at])} > "
+                f"{name}[{at + 1}] = {int(offsets[at + 1])}"
             )

@@ -50,30 +50,40 @@ def _detach(a):
     return a
 
 
-def _attention_args(case, layout, activation, normalization, training, dtype, save_z1):
+def _attention_args(case, layout, activation, normalization, training, dtype, save_z1, candidates=False):
     q, k = case.query.to(dtype), case.keys.to(dtype)
     if layout == "padded":
         lengths, offsets = case.lengths, None
     else:
         k, lengths, offsets = case.jagged_keys().to(dtype), None, case.offsets
+    query_offsets = None
+    if candidates:  # the B query rows as candidates of 2 users (the first two samples' histories)
+        B = q.shape[0]
+        query_offsets = torch.tensor([0, B // 2, B])
+        if layout == "padded":
+            k, lengths = k[:2], lengths[:2]
+        else:
+            k, offsets = k[: int(offsets[2])], offsets[:3]
     f = lambda xs: [x.to(dtype) for x in xs]  # noqa: E731
-    args = [q, k, lengths, offsets, f(case.weights), f(case.biases), f(case.act_weights), f(case.act_means),
-            f(case.act_vars), activation, normalization, 0.9, training, 1e-8, save_z1]
-    for i in (0, 1, 4, 5, 6):  # query, keys, weights, biases, act_weights get gradients
+    args = [q, k, lengths, offsets, query_offsets, f(case.weights), f(case.biases), f(case.act_weights),
+            f(case.act_means), f(case.act_vars), activation, normalization, 0.9, training, 1e-8, save_z1]
+    for i in (0, 1, 5, 6, 7):  # query, keys, weights, biases, act_weights get gradients
         args[i] = [x.requires_grad_() for x in args[i]] if isinstance(args[i], list) else args[i].requires_grad_()
     return args
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["padded", "jagged"])
-@pytest.mark.parametrize(("activation", "normalization", "training"), [
-    ("sigmoid", "none", False), ("prelu", "softmax", False), ("dice", "softmax", True), ("dice", "none", False),
+@pytest.mark.parametrize(("activation", "normalization", "training", "candidates"), [
+    ("sigmoid", "none", False, False), ("prelu", "softmax", False, False), ("dice", "softmax", True, False),
+    ("dice", "none", False, False), ("sigmoid", "softmax", False, True), ("dice", "none", True, True),
 ])
-def test_attention_opcheck(backend, layout, activation, normalization, training):
+def test_attention_opcheck(backend, layout, activation, normalization, training, candidates):
     fwd, bwd = att_ops.ops("cpu" if backend == "compiled" else backend)
-    case = attention_case(B=4, T=5, D=3, hidden=(6, 4), activation=activation, seed=20)
+    case = attention_case(B=4, T=5, D=3, hidden=(6, 4), activation=activation, lengths=[3, 5, 0, 2], seed=20)
     dtype = torch.float64 if backend in ("reference", "torch", "compiled") else torch.float32
-    args = _attention_args(case, layout, activation, normalization, training, dtype, backend == "torch")
+    args = _attention_args(case, layout, activation, normalization, training, dtype, backend == "torch",
+                           candidates)
     torch.library.opcheck(fwd, tuple(args))
     outputs = fwd(*args)
     assert len(outputs) == 6
@@ -81,7 +91,7 @@ def test_attention_opcheck(backend, layout, activation, normalization, training)
     saved = [_detach(o) for o in outputs[2:]]
     variants = [saved] if saved[3].numel() == 0 else [saved, saved[:3] + [saved[3].new_empty(0)]]
     for s in variants:  # with the forward's z1, and without it (recomputed)
-        bwd_args = (torch.randn_like(outputs[0]), torch.randn_like(outputs[1]), *inputs[:9], *s, *inputs[9:14])
+        bwd_args = (torch.randn_like(outputs[0]), torch.randn_like(outputs[1]), *inputs[:10], *s, *inputs[10:15])
         torch.library.opcheck(bwd, bwd_args)
 
 

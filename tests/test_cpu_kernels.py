@@ -126,8 +126,8 @@ def _op_args(B=2, T=3, D=4, hidden=(5,)):
     widths = (4 * D, *hidden, 1)
     W = [torch.randn(o, i) for i, o in zip(widths[:-1], widths[1:])]
     b = [torch.randn(o) for o in widths[1:]]
-    return [torch.randn(B, D), torch.randn(B, T, D), torch.tensor([1, 3]), None, W, b, [], [], [], "sigmoid", "none",
-            1.0, False, 1e-8, False]
+    return [torch.randn(B, D), torch.randn(B, T, D), torch.tensor([1, 3]), None, None, W, b, [], [], [], "sigmoid",
+            "none", 1.0, False, 1e-8, False]
 
 
 @pytest.mark.parametrize(("index", "value", "pattern"), [
@@ -137,11 +137,13 @@ def _op_args(B=2, T=3, D=4, hidden=(5,)):
     (1, torch.randn(2, 3, 5), r"keys has D = 5 but query has D = 4"),
     (2, torch.tensor([1, 2, 3]), r"lengths must have shape \[2\]"),
     (3, torch.tensor([0, 1, 2]), r"exactly one of lengths"),
-    (4, [torch.randn(5, 15), torch.randn(1, 5)], r"weights\[0\] must have shape \[H, 16\]"),
-    (5, [torch.randn(6), torch.randn(1)], r"biases\[0\] must have shape \[5\]"),
-    (9, "gelu", r"activation must be sigmoid, relu, prelu or dice, got 'gelu'"),
-    (10, "sparsemax", r"normalization must be none or softmax"),
-    (6, [torch.rand(5)], r"act_weights"),
+    (4, torch.tensor([0, 1, 1, 2]), r"keys has batch size 2 but query_offsets gives U = 3"),
+    (4, torch.tensor([0.0, 2.0]), r"query_offsets must be a 1-D integer tensor"),
+    (5, [torch.randn(5, 15), torch.randn(1, 5)], r"weights\[0\] must have shape \[H, 16\]"),
+    (6, [torch.randn(6), torch.randn(1)], r"biases\[0\] must have shape \[5\]"),
+    (10, "gelu", r"activation must be sigmoid, relu, prelu or dice, got 'gelu'"),
+    (11, "sparsemax", r"normalization must be none or softmax"),
+    (7, [torch.rand(5)], r"act_weights"),
 ])
 def test_direct_op_calls_check_their_arguments(index, value, pattern):
     args = _op_args()

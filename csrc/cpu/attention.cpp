@@ -106,25 +106,40 @@ struct Chunk {
 // The shapes and clamped ranges of one call, checked (the Python API raises ValueErrors first; these TORCH_CHECKs
 // guard direct calls of the op).
 struct Layout {
-  int64_t B, T, N, D;
-  bool jagged;
-  Tensor index;  // int64 lengths [B] or offsets [B + 1], contiguous
-  std::vector<int64_t> start, length;
+  int64_t B, T, N, D;  // B: samples, or candidates with query_offsets; N: keys rows (T per user when padded)
+  int64_t U;           // users (= B without query_offsets)
+  bool jagged, candidates;
+  Tensor index;        // int64 lengths [U] or offsets [U + 1], contiguous
+  // per sample: first key row, length, first row of its scores (and, with candidates, of nothing else), user
+  std::vector<int64_t> start, length, ostart, user;
+  int64_t score_rows = 0;  // rows of the scores: B * T padded, sum of lengths jagged
   std::vector<Chunk> chunks;
+  std::vector<int64_t> group_begin;  // chunks [group_begin[g], group_begin[g + 1]) of group g
   int64_t max_rows = 0, max_len = 0, P = 1;
 
   Layout(const Tensor& query, const Tensor& keys, const std::optional<Tensor>& lengths,
-         const std::optional<Tensor>& offsets) {
+         const std::optional<Tensor>& offsets, const std::optional<Tensor>& query_offsets) {
     TORCH_CHECK(query.dim() == 2, "target_attention: query must be 2-D [B, D], got shape ", query.sizes());
     B = query.size(0);
     D = query.size(1);
+    candidates = query_offsets.has_value() && query_offsets->defined();
+    Tensor qo;
+    if (candidates) {
+      TORCH_CHECK(query_offsets->dim() == 1 && query_offsets->size(0) >= 1 && !query_offsets->is_floating_point(),
+                  "target_attention: query_offsets must be a 1-D integer tensor [U + 1], got ",
+                  query_offsets->scalar_type(), " of shape ", query_offsets->sizes());
+      qo = query_offsets->to(at::kLong).contiguous();
+      U = qo.size(0) - 1;
+    } else {
+      U = B;
+    }
     TORCH_CHECK(lengths.has_value() != offsets.has_value(),
                 "target_attention: give exactly one of lengths (padded keys) and offsets (jagged keys)");
     jagged = offsets.has_value();
     if (jagged) {
       TORCH_CHECK(keys.dim() == 2, "target_attention: keys must be 2-D [N, D] with offsets, got shape ", keys.sizes());
-      TORCH_CHECK(offsets->dim() == 1 && offsets->size(0) == B + 1, "target_attention: offsets must have B + 1 = ",
-                  B + 1, " entries, got shape ", offsets->sizes());
+      TORCH_CHECK(offsets->dim() == 1 && offsets->size(0) == U + 1, "target_attention: offsets must have ",
+                  candidates ? "U + 1 = " : "B + 1 = ", U + 1, " entries, got shape ", offsets->sizes());
       TORCH_CHECK(!offsets->is_floating_point(), "target_attention: offsets must be an integer tensor");
       N = keys.size(0);
       T = 0;
@@ -132,22 +147,45 @@ struct Layout {
     } else {
       TORCH_CHECK(keys.dim() == 3, "target_attention: keys must be 3-D [B, T, D] with lengths, got shape ",
                   keys.sizes());
-      TORCH_CHECK(keys.size(0) == B, "target_attention: keys has batch size ", keys.size(0), " but query has ", B);
-      TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B, "target_attention: lengths must have shape [", B,
+      TORCH_CHECK(keys.size(0) == U, "target_attention: keys has batch size ", keys.size(0), " but ",
+                  candidates ? "query_offsets gives U = " : "query has ", U);
+      TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == U, "target_attention: lengths must have shape [", U,
                   "], got ", lengths->sizes());
       TORCH_CHECK(!lengths->is_floating_point(), "target_attention: lengths must be an integer tensor");
       T = keys.size(1);
-      N = B * T;
+      N = U * T;
       index = lengths->to(at::kLong).contiguous();
     }
     TORCH_CHECK(keys.size(-1) == D, "target_attention: keys has D = ", keys.size(-1), " but query has D = ", D);
     const int64_t* idx = index.data_ptr<int64_t>();
-    start.resize(B);
-    length.resize(B);
-    for (int64_t b = 0; b < B; ++b) {
-      sample_range(jagged ? nullptr : idx, jagged ? idx : nullptr, b, T, N, &start[b], &length[b]);
-      max_len = std::max(max_len, length[b]);
+    std::vector<int64_t> user_start(U), user_len(U);
+    for (int64_t u = 0; u < U; ++u)
+      sample_range(jagged ? nullptr : idx, jagged ? idx : nullptr, u, T, N, &user_start[u], &user_len[u]);
+    start.assign(B, 0);
+    length.assign(B, 0);
+    user.assign(B, -1);
+    if (candidates) {  // candidate b belongs to user u when qo[u] <= b < qo[u + 1] (clamped, non-decreasing)
+      const int64_t* q = qo.data_ptr<int64_t>();
+      int64_t lo = 0;
+      for (int64_t u = 0; u < U; ++u) {
+        int64_t c0 = std::min(std::max(q[u], lo), B), c1 = std::min(std::max(q[u + 1], c0), B);
+        for (int64_t b = c0; b < c1; ++b) user[b] = u;
+        lo = c1;
+      }
+    } else {
+      for (int64_t b = 0; b < B; ++b) user[b] = b;
     }
+    ostart.assign(B, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      if (user[b] >= 0) {
+        start[b] = user_start[user[b]];
+        length[b] = user_len[user[b]];
+      }
+      max_len = std::max(max_len, length[b]);
+      ostart[b] = jagged ? (candidates ? score_rows : start[b]) : b * T;
+      score_rows += jagged ? length[b] : T;
+    }
+    if (jagged && !candidates) score_rows = N;
     int64_t b0 = 0, rows = 0;
     for (int64_t b = 0; b < B; ++b) {
       if (rows > 0 && rows + length[b] > kChunkRows) {
@@ -162,16 +200,23 @@ struct Layout {
       chunks.push_back({b0, B, rows});
       max_rows = std::max(max_rows, rows);
     }
-    P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(chunks.size())));
+    const int64_t n = static_cast<int64_t>(chunks.size());
+    P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+    // groups of consecutive chunks; with candidates a group starts where a user starts, so that no two groups add
+    // into the same keys' gradient rows
+    group_begin.assign(P + 1, n);
+    group_begin[0] = 0;
+    for (int64_t g = 1; g < P; ++g) {
+      int64_t k = std::max(n * g / P, group_begin[g - 1]);
+      while (candidates && k < n && chunks[k].b0 > 0 && user[chunks[k].b0] == user[chunks[k].b0 - 1]) ++k;
+      group_begin[g] = k;
+    }
   }
 
   // the number of groups: fixed once per call, outside any parallel region (inside one, at::get_num_threads() is 1)
   int64_t groups() const { return P; }
   // chunks [begin, end) of group g
-  std::pair<int64_t, int64_t> group_chunks(int64_t g) const {
-    const int64_t n = static_cast<int64_t>(chunks.size());
-    return {n * g / P, n * (g + 1) / P};
-  }
+  std::pair<int64_t, int64_t> group_chunks(int64_t g) const { return {group_begin[g], group_begin[g + 1]}; }
 };
 
 // The MLP in the compute dtype acc_t, laid out for the kernels.
@@ -527,7 +572,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const Te
   const int64_t B = lay.B, D = lay.D, sumH = m.col.back() + m.H.back();
   Tensor keys_c = keys.contiguous();
   Tensor out_w = at::zeros({B, D}, acc_opt);
-  Tensor w_w = lay.jagged ? at::zeros({lay.N}, acc_opt) : at::zeros({B, lay.T}, acc_opt);
+  Tensor w_w = lay.jagged ? at::zeros({lay.score_rows}, acc_opt) : at::zeros({B, lay.T}, acc_opt);
   Tensor dice_stats = at::zeros({3, cfg.dice_train() ? sumH : 0}, acc_opt);
   if (B > 0) {
     Problem<scalar_t, acc_t> pb(lay, m, cfg, keys_c, query);
@@ -555,7 +600,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const Te
             normalise<acc_t>(ws.s.data() + r0, w, L, cfg);
             const acc_t* kb = kp[b - c.b0];
             for (int64_t t = 0; t < L; ++t) axpy<acc_t>(w[t], kb + t * D, ow + b * D, D);
-            std::memcpy(lay.jagged ? ww + lay.start[b] : ww + b * lay.T, w, L * sizeof(acc_t));
+            std::memcpy(ww + lay.ostart[b], w, L * sizeof(acc_t));
           }
         }
       }
@@ -600,6 +645,7 @@ struct Backward {
   const acc_t* sum_g;     // Dice training: [sum H] batch sums of g and g u (for the layers already summed)
   const acc_t* sum_gu;
   scalar_t* dkeys;        // keys' layout
+  acc_t* dkeys_acc;       // with candidates: the keys' gradient accumulated in acc_t (then dkeys is unused)
   acc_t* dq;              // [B, D]
   acc_t* dc;              // [B, H1]
 
@@ -611,7 +657,7 @@ struct Backward {
     const Mlp<acc_t>& m = pb.m;
     const Config& cfg = pb.cfg;
     const int64_t D = m.D, H1 = m.H1, R = c.rows;
-    if (stop < 0 && !lay.jagged)  // the padding rows of d keys
+    if (stop < 0 && !lay.jagged && !lay.candidates)  // the padding rows of d keys
       for (int64_t b = c.b0; b < c.b1; ++b) {
         scalar_t* pad = dkeys + (b * lay.T + lay.length[b]) * D;
         std::fill(pad, pad + (lay.T - lay.length[b]) * D, scalar_t(0));
@@ -625,7 +671,7 @@ struct Backward {
       acc_t *w = ws.w.data() + r0, *ds = ws.ds.data() + r0;
       normalise<acc_t>(ws.s.data() + r0, w, L, cfg);
       const acc_t* kb = kp[b - c.b0];
-      const acc_t* gsb = gs ? gs + (lay.jagged ? lay.start[b] : b * lay.T) : nullptr;
+      const acc_t* gsb = gs ? gs + lay.ostart[b] : nullptr;
       acc_t delta = 0;
       for (int64_t t = 0; t < L; ++t) {
         acc_t dw = (gsb ? gsb[t] : acc_t(0)) + (go ? dot(kb + t * D, go + b * D, D) : acc_t(0));
@@ -696,7 +742,10 @@ struct Backward {
       gemm_nn(L, D, H1, Gb, H1, ws.M.data(), D, false, dk, D);
       if (go)
         for (int64_t t = 0; t < L; ++t) axpy<acc_t>(w[t], go + b * D, dk + t * D, D);
-      convert(dk, dkeys + lay.start[b] * D, L * D);
+      if (dkeys_acc)  // several candidates per history: their gradients add up in the user's rows
+        add_to<acc_t>(dk, dkeys_acc + lay.start[b] * D, L * D);
+      else
+        convert(dk, dkeys + lay.start[b] * D, L * D);
       transpose(Gb, L, H1, H1, ws.GT.data(), L);
       gemm_nn(H1, D, L, ws.GT.data(), L, kb, D, false, ws.dM.data(), D);
       acc_t* dqb = dq + b * D;
@@ -726,8 +775,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
   const int64_t B = lay.B, D = lay.D, H1 = m.H1, sumH = m.col.back() + m.H.back();
   set_dice_stats<acc_t>(m, act_means, act_vars, dice_stats, cfg);
   Tensor keys_c = keys.contiguous();
-  // padded: every row is written by its sample's task (the padding rows as zeros, in the same pass)
-  Tensor dkeys = lay.jagged ? at::zeros(keys_c.sizes(), keys_c.options()) : at::empty(keys_c.sizes(), keys_c.options());
+  // padded: every row is written by its sample's task (the padding rows as zeros, in the same pass); with candidates
+  // the rows accumulate over each user's candidates, in acc_t
+  Tensor dkeys = lay.jagged || lay.candidates ? at::zeros(keys_c.sizes(), keys_c.options())
+                                              : at::empty(keys_c.sizes(), keys_c.options());
+  Tensor dkeys_acc = lay.candidates ? at::zeros(keys_c.sizes(), acc_opt) : Tensor();
   Tensor dq = at::zeros({B, D}, acc_opt), dc = at::zeros({B, H1}, acc_opt);
   Tensor go, gs;
   if (grad_out.has_value() && grad_out->defined()) {
@@ -736,7 +788,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     go = as_acc<acc_t>(*grad_out);
   }
   if (grad_scores.has_value() && grad_scores->defined()) {
-    auto want = lay.jagged ? std::vector<int64_t>{lay.N} : std::vector<int64_t>{B, lay.T};
+    auto want = lay.jagged ? std::vector<int64_t>{lay.score_rows} : std::vector<int64_t>{B, lay.T};
     TORCH_CHECK(grad_scores->sizes() == c10::IntArrayRef(want), "target_attention_bwd: grad_scores must have shape ",
                 c10::IntArrayRef(want), ", got ", grad_scores->sizes());
     gs = as_acc<acc_t>(*grad_scores);
@@ -754,7 +806,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     std::vector<acc_t> sum_g(sumH, 0), sum_gu(sumH, 0);
     Backward<scalar_t, acc_t> bw{pb, go.defined() ? go.data_ptr<acc_t>() : nullptr,
                                  gs.defined() ? gs.data_ptr<acc_t>() : nullptr, sum_g.data(), sum_gu.data(),
-                                 dkeys.data_ptr<scalar_t>(), dq.data_ptr<acc_t>(), dc.data_ptr<acc_t>()};
+                                 dkeys.data_ptr<scalar_t>(),
+                                 dkeys_acc.defined() ? dkeys_acc.data_ptr<acc_t>() : nullptr, dq.data_ptr<acc_t>(),
+                                 dc.data_ptr<acc_t>()};
     auto run = [&](int64_t stop) {
       at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
         std::vector<const acc_t*> kp;
@@ -810,6 +864,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     if (act_weights[i].numel() == 1) g = g.sum().reshape({1});
     da.push_back(g.to(act_weights[i].scalar_type()));
   }
+  if (dkeys_acc.defined()) dkeys = dkeys_acc;
   return {dq_full.to(query.scalar_type()), dkeys.to(keys.scalar_type()), dW, db, da};
 }
 
@@ -859,14 +914,15 @@ void check_cpu(const Tensor& t, const char* name) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_attention_fwd_cpu(
     const Tensor& query, const Tensor& keys, const std::optional<Tensor>& lengths,
-    const std::optional<Tensor>& offsets, at::TensorList weights, at::TensorList biases, at::TensorList act_weights,
-    at::TensorList act_means, at::TensorList act_vars, c10::string_view activation, c10::string_view normalization,
-    double scale, bool training, double eps, bool save_z1) {
+    const std::optional<Tensor>& offsets, const std::optional<Tensor>& query_offsets, at::TensorList weights,
+    at::TensorList biases, at::TensorList act_weights, at::TensorList act_means, at::TensorList act_vars,
+    c10::string_view activation, c10::string_view normalization, double scale, bool training, double eps,
+    bool save_z1) {
   (void)save_z1;  // the CPU backward recomputes the first layer: nothing is kept
   check_cpu(query, "query");
   check_cpu(keys, "keys");
   Config cfg{parse_activation(activation), parse_softmax(normalization), scale, training, eps};
-  Layout lay(query, keys, lengths, offsets);
+  Layout lay(query, keys, lengths, offsets, query_offsets);
   const bool dbl = any_double(query, keys, weights, biases, act_weights);
   return DIN_DISPATCH_KEYS(keys.scalar_type(), dbl, "target_attention_fwd", [&] {
     Mlp<acc_t> m = make_mlp<acc_t>(lay.D, weights, biases, act_weights, cfg);
@@ -879,8 +935,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_attention_fwd_
 std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> target_attention_bwd_cpu(
     const std::optional<Tensor>& grad_out, const std::optional<Tensor>& grad_scores, const Tensor& query,
     const Tensor& keys, const std::optional<Tensor>& lengths, const std::optional<Tensor>& offsets,
-    at::TensorList weights, at::TensorList biases, at::TensorList act_weights, at::TensorList act_means,
-    at::TensorList act_vars, const Tensor& dice_stats, const Tensor& scores_acc, const Tensor& out_acc,
+    const std::optional<Tensor>& query_offsets, at::TensorList weights, at::TensorList biases,
+    at::TensorList act_weights, at::TensorList act_means, at::TensorList act_vars, const Tensor& dice_stats,
+    const Tensor& scores_acc, const Tensor& out_acc,
     const Tensor& z1, c10::string_view activation, c10::string_view normalization, double scale, bool training,
     double eps) {
   (void)scores_acc;  // the weights are recomputed exactly from the scores; delta_b is formed per sample
@@ -889,7 +946,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
   check_cpu(query, "query");
   check_cpu(keys, "keys");
   Config cfg{parse_activation(activation), parse_softmax(normalization), scale, training, eps};
-  Layout lay(query, keys, lengths, offsets);
+  Layout lay(query, keys, lengths, offsets, query_offsets);
   const bool dbl = any_double(query, keys, weights, biases, act_weights);
   return DIN_DISPATCH_KEYS(keys.scalar_type(), dbl, "target_attention_bwd", [&] {
     Mlp<acc_t> m = make_mlp<acc_t>(lay.D, weights, biases, act_weights, cfg);

@@ -58,10 +58,12 @@ class TargetAttention(nn.Module):
         self.activations = nn.ModuleList(_make_activation(activation, h, backend) for h in hidden)
 
     def forward(self, query: Tensor, keys: Tensor, lengths: Tensor | None = None, offsets: Tensor | None = None,
-                return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                query_offsets: Tensor | None = None, return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``query`` [B, D]; ``keys`` [B, T, D] with ``lengths`` [B], or [N, D] with ``offsets`` [B + 1].
 
-        Returns ``v_U`` [B, D], or ``(v_U, w)`` with ``w`` [B, T] (padded) or [N] (jagged) when ``return_scores``.
+        With ``query_offsets`` [U + 1] (several candidates per history) ``query`` is [Nq, D] and the keys describe
+        the U users (see :func:`din_kernels.target_attention`). Returns ``v_U`` [B, D], or ``(v_U, w)`` with ``w``
+        [B, T] (padded) or [N] (jagged) when ``return_scores``.
         """
         act_weights, means, variances, eps, momentum = [], [], [], 1e-8, 0.1
         if self.activation == "prelu":
@@ -74,10 +76,9 @@ class TargetAttention(nn.Module):
             momentum = [a.momentum for a in self.activations]
         return target_attention(
             query, keys, [m.weight for m in self.layers], [m.bias for m in self.layers], lengths, offsets,
-            activation=self.activation, act_weights=act_weights, act_means=means, act_vars=variances,
-            normalization=self.normalization, softmax_scale=self.softmax_scale,
-            training=self.training,
-            momentum=momentum, dice_eps=eps, return_scores=return_scores, backend=self.backend,
+            query_offsets=query_offsets, activation=self.activation, act_weights=act_weights, act_means=means,
+            act_vars=variances, normalization=self.normalization, softmax_scale=self.softmax_scale,
+            training=self.training, momentum=momentum, dice_eps=eps, return_scores=return_scores, backend=self.backend,
         )
 
     def _dice_eps(self) -> float:

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._jagged import JaggedIndex, padded_mask, segment_sum
-from .._validate import check_choice
-from ..backend import BACKENDS
+from .._jagged import CandidateIndex, JaggedIndex, padded_mask, segment_sum
+from .._validate import check_choice, check_index
+from ..backend import BACKENDS, checks_enabled
+from ..ops.attention import check_attention_index
 from . import embedding as _embedding
 from .attention import TargetAttention
 from .dice import Dice
@@ -180,12 +181,14 @@ class BaseModel(nn.Module):
                 total = total + table.last_penalty.detach().double().cpu()
         return total
 
-    def _embed(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def _embed(self, batch: dict[str, Tensor], ad_ids: Tensor | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """``(ad [B, Di], hist [B, T, Di] or [N, Di], other per-sample embeddings [B, *])``: each table is looked
-        up once per step (the ad and the behaviours together)."""
+        up once per step (the ad and the behaviours together). ``ad_ids`` [Nq, F] replaces ``batch["ad"]`` (the
+        candidates of :meth:`rank`)."""
+        ad_ids = batch["ad"] if ad_ids is None else ad_ids
         ad_parts, hist_parts = [], []
         for j, f in enumerate(self.schema.item_fields):
-            a, h = self.tables[f.name](batch["ad"][:, j], batch["hist"][..., j])
+            a, h = self.tables[f.name](ad_ids[:, j], batch["hist"][..., j])
             ad_parts.append(a)
             hist_parts.append(h)
         other = []
@@ -207,11 +210,19 @@ class BaseModel(nn.Module):
         return lengths, offsets
 
     def interest(self, ad: Tensor, hist: Tensor, lengths: Tensor | None, offsets: Tensor | None,
-                 return_scores: bool = False):
+                 return_scores: bool = False, query_offsets: Tensor | None = None):
         """Sum pooling of the behaviours: ``[B, Di]`` (and all-ones weights at the valid positions).
 
         Memory-safe for any ``lengths``/``offsets`` (the value checks may be off): they are clamped as in
-        :mod:`din_kernels._jagged`, and jagged rows that no sample covers get weight 0."""
+        :mod:`din_kernels._jagged`, and jagged rows that no sample covers get weight 0. With ``query_offsets``
+        [U + 1] (:meth:`rank`) the U users' pooled histories are given to each of their ``ad`` rows (scores are not
+        returned)."""
+        if query_offsets is not None:
+            users = ad.new_zeros(1)  # the pooling does not depend on the ad
+            pooled = self.interest(users.expand(query_offsets.shape[0] - 1, ad.shape[1]), hist, lengths, offsets)
+            cand = CandidateIndex(query_offsets, ad.shape[0])
+            rows = pooled[cand.user] if pooled.shape[0] else ad.new_zeros(ad.shape)
+            return torch.where(cand.valid[:, None], rows, 0)
         if offsets is not None:
             index = JaggedIndex(offsets, hist.shape[0], ad.shape[0])
             pooled = segment_sum(hist, offsets, index)
@@ -229,6 +240,40 @@ class BaseModel(nn.Module):
         ad, hist, other = self._embed(batch)
         return self.forward_embedded(ad, hist, other, lengths, offsets, return_scores)
 
+    def rank(self, batch: dict[str, Tensor], candidates: Tensor, candidate_offsets: Tensor) -> Tensor:
+        """Scores many candidate ads per user, each user's history embedded and processed once.
+
+        Args:
+            batch: one row per user (U rows): ``hist`` with ``hist_len``/``hist_offsets``, ``user``, the multi-hot
+                fields, ``context``, as for :meth:`forward` (its ``ad`` is not used).
+            candidates: ``[Nq, F]`` the candidates' item fields (``schema.item_fields`` order).
+            candidate_offsets: ``[U + 1]``: the candidates of user u are rows ``candidate_offsets[u] :
+                candidate_offsets[u + 1]``.
+        Returns:
+            logits ``[Nq]``, equal to :meth:`forward` on the batch with each user's row repeated once per candidate
+            and the candidate as its ``ad``.
+        """
+        lengths, offsets = self._layout(batch)
+        check_index("candidate_offsets", candidate_offsets)
+        if candidate_offsets.dim() != 1 or candidate_offsets.shape[0] < 1:
+            raise ValueError(f"candidate_offsets must be 1-D [U + 1], got shape {tuple(candidate_offsets.shape)}")
+        if checks_enabled():
+            candidate_offsets = check_attention_index(candidate_offsets, candidates.shape[0], True,
+                                                      "candidate_offsets")
+        ad, hist, other = self._embed(batch, ad_ids=candidates)
+        cand = CandidateIndex(candidate_offsets, candidates.shape[0])
+        other = [o[cand.user] if o.shape[0] else o.new_zeros((candidates.shape[0],) + tuple(o.shape[1:]))
+                 for o in other]
+        pooled = self.interest(ad, hist, lengths, offsets, query_offsets=candidate_offsets)
+        return self._head(other, pooled, ad)
+
+    def _head(self, other: Sequence[Tensor], pooled: Tensor, ad: Tensor) -> Tensor:
+        """The MLP over ``[other, interest, ad]`` to one logit per row."""
+        h = torch.cat([*other, pooled, ad], -1)
+        for linear, act in zip(self.mlp, self.mlp_acts):
+            h = act(linear(h))
+        return self.out(h).squeeze(-1)
+
     def forward_embedded(self, ad: Tensor, hist: Tensor, other: Sequence[Tensor], lengths: Tensor | None = None,
                          offsets: Tensor | None = None,
                          return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -241,10 +286,7 @@ class BaseModel(nn.Module):
         scores = None
         if return_scores:
             pooled, scores = pooled
-        h = torch.cat([*other, pooled, ad], -1)
-        for linear, act in zip(self.mlp, self.mlp_acts):
-            h = act(linear(h))
-        logits = self.out(h).squeeze(-1)
+        logits = self._head(other, pooled, ad)
         return (logits, scores) if return_scores else logits
 
 
@@ -268,6 +310,8 @@ class DIN(BaseModel):
         self.attention = TargetAttention(schema.item_dim, att_hidden, att_activation or activation,
                                          att_normalization, backend=backend)
 
-    def interest(self, ad, hist, lengths, offsets, return_scores=False):
-        """Target attention pooling ``[B, Di]`` (and the weights ``[B, T]`` / ``[N]``)."""
-        return self.attention(ad, hist, lengths=lengths, offsets=offsets, return_scores=return_scores)
+    def interest(self, ad, hist, lengths, offsets, return_scores=False, query_offsets=None):
+        """Target attention pooling ``[B, Di]`` (and the weights ``[B, T]`` / ``[N]``); with ``query_offsets`` the
+        ``ad`` rows are the candidates of the users of ``hist`` (:meth:`BaseModel.rank`)."""
+        return self.attention(ad, hist, lengths=lengths, offsets=offsets, query_offsets=query_offsets,
+                              return_scores=return_scores)

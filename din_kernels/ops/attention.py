@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._config import MLP, AttentionConfig, AttentionSaved
+from .._config import MLP, AttentionConfig, AttentionInputs, AttentionSaved
 from .._validate import check_attention_inputs, check_lengths_values, check_offsets_values
 from ..reference._vjp import vjp
 from ..reference.attention import compute_dtype, target_attention_ref
@@ -41,20 +41,41 @@ SUPPORTED = ("reference", "torch", "triton", "cpu", "cuda")
 KEEPS_Z1 = ("torch",)  # the backends whose forward keeps the first layer's pre-activation for the backward
 
 
+N_TENSORS = 5  # query, keys, lengths, offsets, query_offsets: the schema's leading arguments
+
+
 def _unflatten(args: tuple) -> tuple:
-    """Schema arguments ``(query, keys, lengths, offsets, 5 tensor lists, 5 options, ...)`` -> ``(query, keys,
-    lengths, offsets, MLP, AttentionConfig, rest)``."""
-    query, keys, lengths, offsets, *rest = args
-    mlp = MLP(*(list(x) for x in rest[:5]))
+    """Schema arguments ``(query, keys, lengths, offsets, query_offsets, 5 tensor lists, 5 options, ...)`` ->
+    ``(AttentionInputs, MLP, AttentionConfig, rest)``."""
+    x = AttentionInputs(*args[:N_TENSORS])
+    rest = args[N_TENSORS:]
+    mlp = MLP(*(list(t) for t in rest[:5]))
     cfg = AttentionConfig(*rest[5:10])
-    return query, keys, lengths, offsets, mlp, cfg, rest[10:]
+    return x, mlp, cfg, rest[10:]
 
 
-def _fwd_shapes(query, keys, weights, activation, normalization, training, z1: bool):
+def _bwd_unflatten(args: tuple) -> tuple:
+    """The backward schema's arguments after the two output gradients -> ``(AttentionInputs, MLP, AttentionConfig,
+    AttentionSaved)``."""
+    n = N_TENSORS + 5
+    x, mlp, cfg, _ = _unflatten(args[:n] + args[n + 4:])
+    return x, mlp, cfg, AttentionSaved(*args[n:n + 4])
+
+
+def _scores_shape(query, keys, offsets, query_offsets) -> tuple:
+    """``scores``' shape: keys' without D, or [Nq, T] / a data-dependent [sum_i L_u(i)] with ``query_offsets``."""
+    if query_offsets is None:
+        return tuple(keys.shape[:-1])
+    if offsets is None:
+        return (query.shape[0], keys.shape[1])
+    return (torch.library.get_ctx().new_dynamic_size(),)
+
+
+def _fwd_shapes(query, keys, offsets, query_offsets, weights, activation, normalization, training, z1: bool):
     """``[(shape, dtype)]`` of the six forward outputs (shared by every fake implementation)."""
     cd = compute_dtype(query, keys, *weights)
     B, D = query.shape
-    scores = tuple(keys.shape[:-1])
+    scores = _scores_shape(query, keys, offsets, query_offsets)
     sum_h = sum(int(w.shape[0]) for w in weights[:-1]) if activation == "dice" and training else 0
     softmax = normalization == "softmax"
     return [
@@ -63,38 +84,39 @@ def _fwd_shapes(query, keys, weights, activation, normalization, training, z1: b
         ((3, sum_h), cd),
         (scores if softmax else (0,), cd),
         ((B if softmax else 0, D), cd),
-        ((*scores, int(weights[0].shape[0])) if z1 else (0,), cd),
+        ((*scores, int(weights[0].shape[0])) if z1 and query_offsets is None else (0,), cd),
     ]
 
 
 def _make_fake_fwd(keeps_z1: bool) -> Callable:
-    def fake(query, keys, lengths, offsets, weights, biases, act_weights, act_means, act_vars, activation,
-             normalization, scale, training, eps, save_z1):
-        shapes = _fwd_shapes(query, keys, weights, activation, normalization, training, keeps_z1 and save_z1)
+    def fake(query, keys, lengths, offsets, query_offsets, weights, biases, act_weights, act_means, act_vars,
+             activation, normalization, scale, training, eps, save_z1):
+        shapes = _fwd_shapes(query, keys, offsets, query_offsets, weights, activation, normalization, training,
+                             keeps_z1 and save_z1)
         return tuple(query.new_empty(shape, dtype=dtype) for shape, dtype in shapes)
 
     return fake
 
 
-def _fake_bwd(grad_out, grad_scores, query, keys, lengths, offsets, weights, biases, act_weights, act_means,
-              act_vars, dice_stats, scores_acc, out_acc, z1, activation, normalization, scale, training, eps):
+def _fake_bwd(grad_out, grad_scores, query, keys, lengths, offsets, query_offsets, weights, biases, act_weights,
+              act_means, act_vars, dice_stats, scores_acc, out_acc, z1, activation, normalization, scale, training,
+              eps):
     return (torch.empty_like(query), torch.empty_like(keys), [torch.empty_like(w) for w in weights],
             [torch.empty_like(b) for b in biases], [torch.empty_like(a) for a in act_weights])
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(inputs)
+    x, mlp, cfg, _ = _unflatten(inputs)
     ctx.cfg = cfg.op_args()
     means, variances = ([], []) if cfg.training else (mlp.act_means, mlp.act_vars)  # training: written after this
     ctx.n = (len(mlp.weights), len(mlp.biases), len(mlp.act_weights), len(means), len(variances))
     ctx.n_stats = (len(mlp.act_means), len(mlp.act_vars))
-    ctx.save_for_backward(query, keys, lengths, offsets, *mlp.weights, *mlp.biases, *mlp.act_weights, *means,
-                          *variances, *output[2:])
+    ctx.save_for_backward(*x, *mlp.weights, *mlp.biases, *mlp.act_weights, *means, *variances, *output[2:])
 
 
 def _saved_inputs(ctx) -> tuple:
     saved = list(ctx.saved_tensors)
-    head, rest = saved[:4], saved[4:]
+    head, rest = saved[:N_TENSORS], saved[N_TENSORS:]
     groups = []
     for n in ctx.n:
         groups.append(rest[:n])
@@ -107,7 +129,7 @@ def _make_backward(bwd_op) -> Callable:
         inputs, outputs = _saved_inputs(ctx)
         dq, dk, dw, db, da = bwd_op(grad_out, grad_scores, *inputs, *outputs, *ctx.cfg)
         none = [None] * ctx.n_stats[0], [None] * ctx.n_stats[1]
-        return dq, dk, None, None, dw, db, da, *none, None, None, None, None, None, None
+        return dq, dk, None, None, None, dw, db, da, *none, None, None, None, None, None, None
 
     return backward
 
@@ -130,55 +152,54 @@ def _register(fwd, bwd, keeps_z1: bool, compiled: bool = False):
 
 
 def _torch_fwd(*args):
-    query, keys, lengths, offsets, mlp, cfg, (save_z1,) = _unflatten(args)
+    x, mlp, cfg, (save_z1,) = _unflatten(args)
     with torch.no_grad():
-        return _torch_attention.attention_fwd(query, keys, lengths, offsets, mlp, cfg, save_z1)
+        return _torch_attention.attention_fwd(*x, mlp, cfg, save_z1)
 
 
 def _torch_bwd(grad_out, grad_scores, *args):
-    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args[:9] + args[13:])
-    return _torch_attention.attention_bwd(grad_out, grad_scores, query, keys, lengths, offsets, mlp,
-                                          AttentionSaved(*args[9:13]), cfg)
+    x, mlp, cfg, saved = _bwd_unflatten(args)
+    return _torch_attention.attention_bwd(grad_out, grad_scores, *x, mlp, saved, cfg)
 
 
-def _reference_outputs(query, keys, lengths, offsets, mlp: MLP, cfg: AttentionConfig):
-    out, w, stats = target_attention_ref(query, keys, mlp.weights, mlp.biases, lengths, offsets, cfg.activation,
-                                         mlp.act_weights, mlp.act_means, mlp.act_vars, cfg.normalization, cfg.scale,
-                                         cfg.training, cfg.eps)
+def _reference_outputs(x: AttentionInputs, mlp: MLP, cfg: AttentionConfig):
+    out, w, stats = target_attention_ref(x.query, x.keys, mlp.weights, mlp.biases, x.lengths, x.offsets,
+                                         cfg.activation, mlp.act_weights, mlp.act_means, mlp.act_vars,
+                                         cfg.normalization, cfg.scale, cfg.training, cfg.eps, x.query_offsets)
     return out, w, stats
 
 
 def _reference_fwd(*args):
-    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args)
+    x, mlp, cfg, _ = _unflatten(args)
     with torch.no_grad():
-        out, w, stats = _reference_outputs(query, keys, lengths, offsets, mlp, cfg)
-    cd = compute_dtype(query, keys, *mlp.weights)
-    B, D = query.shape
+        out, w, stats = _reference_outputs(x, mlp, cfg)
+    cd = compute_dtype(x.query, x.keys, *mlp.weights)
+    B, D = x.query.shape
     sum_h = sum(mlp.widths) if cfg.dice_training else 0
     dice_stats = (torch.stack([torch.cat([s[j].expand_as(s[0]) for s in stats]) for j in range(3)]).to(cd)
-                  if cfg.dice_training else query.new_zeros(3, sum_h, dtype=cd))
+                  if cfg.dice_training else x.query.new_zeros(3, sum_h, dtype=cd))
     if cfg.softmax:
         scores_acc, out_acc = w.to(cd, copy=True), out.to(cd, copy=True)
     else:
-        scores_acc, out_acc = query.new_empty(0, dtype=cd), query.new_empty(0, D, dtype=cd)
-    return out, w, dice_stats, scores_acc, out_acc, query.new_empty(0, dtype=cd)
+        scores_acc, out_acc = x.query.new_empty(0, dtype=cd), x.query.new_empty(0, D, dtype=cd)
+    return out, w, dice_stats, scores_acc, out_acc, x.query.new_empty(0, dtype=cd)
 
 
 def _reference_bwd(grad_out, grad_scores, *args):
     """Autograd through the literal forward, recomputed (the oracle's gradients; see :mod:`..reference._vjp`)."""
-    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args[:9] + args[13:])
+    x, mlp, cfg, _ = _bwd_unflatten(args)
     n_act = len(mlp.weights) - 1 if cfg.activation == "dice" else 0
     if cfg.training and n_act:  # the running statistics are not used (nor saved) in training
-        mlp = mlp._replace(act_means=[query.new_zeros(h) for h in mlp.widths[:n_act]],
-                           act_vars=[query.new_ones(h) for h in mlp.widths[:n_act]])
+        mlp = mlp._replace(act_means=[x.query.new_zeros(h) for h in mlp.widths[:n_act]],
+                           act_vars=[x.query.new_ones(h) for h in mlp.widths[:n_act]])
     nw, nb = len(mlp.weights), len(mlp.biases)
 
     def forward(q, k, *params):
         p = list(params)
         grad_mlp = mlp._replace(weights=p[:nw], biases=p[nw:nw + nb], act_weights=p[nw + nb:])
-        return _reference_outputs(q, k, lengths, offsets, grad_mlp, cfg)[:2]
+        return _reference_outputs(x._replace(query=q, keys=k), grad_mlp, cfg)[:2]
 
-    grads = vjp(forward, [query, keys, *mlp.weights, *mlp.biases, *mlp.act_weights], [grad_out, grad_scores])
+    grads = vjp(forward, [x.query, x.keys, *mlp.weights, *mlp.biases, *mlp.act_weights], [grad_out, grad_scores])
     return grads[0], grads[1], grads[2:2 + nw], grads[2 + nw:2 + nw + nb], grads[2 + nw + nb:]
 
 
@@ -194,19 +215,19 @@ _OPS: dict[str, tuple | None] = {
 def _triton_fwd(*args):
     from ..triton import attention as _tr
 
-    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args)
-    out, w, stats, w32, out32 = _tr.target_attention_fwd(query, keys, lengths, offsets, *mlp, *cfg.op_args())
+    x, mlp, cfg, _ = _unflatten(args)
+    out, w, stats, w32, out32 = _tr.target_attention_fwd(*x[:4], *mlp, *cfg.op_args(), query_offsets=x.query_offsets)
     scores_acc = w32.view(w.shape) if cfg.softmax else w32
-    return out, w, stats, scores_acc, out32, query.new_empty(0, dtype=torch.float32)
+    return out, w, stats, scores_acc, out32, x.query.new_empty(0, dtype=torch.float32)
 
 
 def _triton_bwd(grad_out, grad_scores, *args):
     from ..triton import attention as _tr
 
-    query, keys, lengths, offsets, mlp, cfg, _ = _unflatten(args[:9] + args[13:])
-    dice_stats, scores_acc, out_acc, _z1 = args[9:13]
-    return _tr.target_attention_bwd(grad_out, grad_scores, query, keys, lengths, offsets, *mlp, dice_stats,
-                                    scores_acc.reshape(-1), out_acc, *cfg.op_args())
+    x, mlp, cfg, saved = _bwd_unflatten(args)
+    return _tr.target_attention_bwd(grad_out, grad_scores, *x[:4], *mlp, saved.dice_stats,
+                                    saved.scores_acc.reshape(-1), saved.out_acc, *cfg.op_args(),
+                                    query_offsets=x.query_offsets)
 
 
 # defined at import (torch.compile cannot trace an op's definition), when the optional triton package is present
@@ -233,11 +254,14 @@ def ops(backend: str) -> tuple:
 
 
 @torch.library.custom_op("din_kernels::check_attention_index", mutates_args=())
-def check_attention_index(index: Tensor, bound: int, jagged: bool) -> Tensor:
+def check_attention_index(index: Tensor, bound: int, jagged: bool, name: str = "") -> Tensor:
     """Value check of ``lengths`` [B] (``0 <= lengths[b] <= bound = T``) or ``offsets`` [B + 1] (a partition of
-    ``bound = N`` rows); returns a copy of ``index`` that the kernel op consumes, so the check stays in a compiled
-    graph (it reads the tensor: a device-to-host sync on a GPU; switch it off with ``din_kernels.checks(False)``)."""
-    if jagged:
+    ``bound = N`` rows; ``name`` "query_offsets": of the ``bound`` query rows); returns a copy of ``index`` that the
+    kernel op consumes, so the check stays in a compiled graph (it reads the tensor: a device-to-host sync on a GPU;
+    switch it off with ``din_kernels.checks(False)``)."""
+    if jagged and name:  # query_offsets of the query rows; candidate_offsets (DIN.rank) of the candidates
+        check_offsets_values(index, bound, name, {"query_offsets": "query rows"}.get(name, "candidates"))
+    elif jagged:
         check_offsets_values(index, bound)
     else:
         check_lengths_values(index, bound)
@@ -245,7 +269,7 @@ def check_attention_index(index: Tensor, bound: int, jagged: bool) -> Tensor:
 
 
 @check_attention_index.register_fake
-def _(index, bound, jagged):
+def _(index, bound, jagged, name=""):
     return torch.empty_like(index)
 
 
@@ -293,6 +317,7 @@ def target_attention(
     lengths: Tensor | None = None,
     offsets: Tensor | None = None,
     *,
+    query_offsets: Tensor | None = None,
     activation: str = "sigmoid",
     act_weights: Sequence[Tensor] = (),
     act_means: Sequence[Tensor] = (),
@@ -313,13 +338,19 @@ def target_attention(
             jagged (with ``offsets`` ``[B + 1]``). Invalid ``lengths``/``offsets`` values raise ``ValueError``;
             with ``din_kernels.checks(False)`` they are clamped instead (no error, no access out of bounds, an
             unspecified result).
+        query_offsets: ``[U + 1]``, several candidates per history (ranking many ads for one user; sampled
+            negatives in training): ``query`` is then ``[Nq, D]``, the candidates of user u are its rows
+            ``query_offsets[u] : query_offsets[u + 1]``, and ``keys``/``lengths``/``offsets`` describe the U users.
+            The result equals the op on each user's history repeated once per candidate (``v_U`` ``[Nq, D]``,
+            scores ``[Nq, T]`` padded or ``[sum_i L_u(i)]`` jagged in candidate order), without building that
+            repeat: each user's keys are read once for a tile of its candidates.
         weights, biases: the MLP's ``nn.Linear`` parameters ``[H1, 4D], [H2, H1], ..., [1, Hn]`` and their biases.
         activation: ``sigmoid`` | ``relu`` | ``prelu`` | ``dice``. ``act_weights`` holds the PReLU weights or the
             Dice alphas (one ``[H_i]`` per hidden layer); ``act_means``/``act_vars`` the Dice running statistics,
             updated in place (like ``F.batch_norm``, with ``momentum``: one float or one per hidden layer) when
             ``training`` is True; a batch whose statistics are not finite leaves them unchanged.
         normalization: ``none`` (the paper) or ``softmax`` (of ``softmax_scale * s``, default scale 1).
-        return_scores: also return the weights ``w`` (``[B, T]`` padded, ``[N]`` jagged).
+        return_scores: also return the weights ``w`` (``[B, T]`` padded, ``[N]`` jagged; see ``query_offsets``).
         backend: see :mod:`din_kernels.backend`. ``triton`` covers 1 or 2 hidden layers, D and widths up to 256
             whose blocks fit the GPU's shared memory (on an H200, hidden (80, 40): D up to 128 in float32, 256 in
             bfloat16/float16), float32/bfloat16/float16 inputs, and raises ``ValueError``/``TypeError`` beyond that;
@@ -331,7 +362,8 @@ def target_attention(
     mlp = MLP(list(weights), list(biases), list(act_weights), list(act_means), list(act_vars))
     if lengths is None and offsets is None and keys.dim() == 3:  # padded keys, every position valid
         lengths = torch.full((keys.shape[0],), keys.shape[1], dtype=torch.long, device=keys.device)
-    check_attention_inputs(query, keys, lengths, offsets, *mlp[:2], activation, *mlp[2:], normalization, training)
+    check_attention_inputs(query, keys, lengths, offsets, *mlp[:2], activation, *mlp[2:], normalization, training,
+                           query_offsets)
     cfg = AttentionConfig(activation, normalization, 1.0 if softmax_scale is None else float(softmax_scale),
                           bool(training), float(dice_eps))
     covering = tuple(n for n in SUPPORTED if n in _DEFINED and _supports(n, query, keys, mlp)) \
@@ -343,11 +375,13 @@ def target_attention(
             offsets = check_attention_index(offsets, keys.shape[0], True)
         else:
             lengths = check_attention_index(lengths, keys.shape[1], False)
+        if query_offsets is not None:
+            query_offsets = check_attention_index(query_offsets, query.shape[0], True, "query_offsets")
     fwd, _ = ops(name)
     # keep the first layer's pre-activation only when a backward can follow
-    save_z1 = name in KEEPS_Z1 and torch.is_grad_enabled() and any(
+    save_z1 = name in KEEPS_Z1 and query_offsets is None and torch.is_grad_enabled() and any(
         t.requires_grad for t in (query, keys, *mlp.weights, *mlp.biases, *mlp.act_weights))
-    out, w, stats, *_ = fwd(query, keys, lengths, offsets, *mlp.op_args(), *cfg.op_args(), save_z1)
+    out, w, stats, *_ = fwd(query, keys, lengths, offsets, query_offsets, *mlp.op_args(), *cfg.op_args(), save_z1)
     if cfg.dice_training:
         _update_running_stats(mlp.act_means, mlp.act_vars, stats, momentum)
         warn_if_nonfinite(stats, "target_attention")

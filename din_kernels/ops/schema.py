@@ -32,6 +32,14 @@ them from ``dice_stats``); ``activation`` sigmoid | relu | prelu | dice; ``norma
 outputs, and returns the gradients of ``query``, ``keys``, ``weights``, ``biases`` and ``act_weights`` in their dtypes.
 A backward given an empty ``z1`` recomputes it.
 
+Several candidates per history (serving; sampled negatives in training): with ``query_offsets`` [U + 1] (a partition
+of the Nq query rows), ``query`` is [Nq, D], the candidates of user u are rows ``query_offsets[u] ..
+query_offsets[u + 1]``, and keys/lengths/offsets describe the U users. Every output is that of the op on each user's
+history repeated once per candidate: ``out`` [Nq, D]; ``scores`` [Nq, T] padded, or jagged [sum_i L_u(i)] in
+candidate order (candidate i's L_u(i) scores contiguous); ``dice_stats`` over the repeated behaviours; the keys'
+gradient sums over each user's candidates. A backend reads each user's keys once (for a tile of candidates) and never
+builds the repeated history.
+
 Dice (SPEC section 2)
 
 ``dice_fwd``: ``x`` [..., C], ``mask`` x.shape[:-1] bool or None, ``alpha`` [C] or [1], ``weight``/``bias`` [C]
@@ -54,14 +62,15 @@ rows). Ids outside [0, K) (possible only with the checks off) are never read or 
 """
 
 ATTENTION_FWD = (
-    "(Tensor query, Tensor keys, Tensor? lengths, Tensor? offsets, Tensor[] weights, Tensor[] biases, "
-    "Tensor[] act_weights, Tensor[] act_means, Tensor[] act_vars, str activation, str normalization, float scale, "
-    "bool training, float eps, bool save_z1) "
+    "(Tensor query, Tensor keys, Tensor? lengths, Tensor? offsets, Tensor? query_offsets, Tensor[] weights, "
+    "Tensor[] biases, Tensor[] act_weights, Tensor[] act_means, Tensor[] act_vars, str activation, "
+    "str normalization, float scale, bool training, float eps, bool save_z1) "
     "-> (Tensor out, Tensor scores, Tensor dice_stats, Tensor scores_acc, Tensor out_acc, Tensor z1)"
 )
 ATTENTION_BWD = (
     "(Tensor? grad_out, Tensor? grad_scores, Tensor query, Tensor keys, Tensor? lengths, Tensor? offsets, "
-    "Tensor[] weights, Tensor[] biases, Tensor[] act_weights, Tensor[] act_means, Tensor[] act_vars, "
+    "Tensor? query_offsets, Tensor[] weights, Tensor[] biases, Tensor[] act_weights, Tensor[] act_means, "
+    "Tensor[] act_vars, "
     "Tensor dice_stats, Tensor scores_acc, Tensor out_acc, Tensor z1, str activation, str normalization, "
     "float scale, bool training, float eps) "
     "-> (Tensor grad_query, Tensor grad_keys, Tensor[] grad_weights, Tensor[] grad_biases, "

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .._jagged import jagged_to_padded, padded_mask, padded_to_jagged
+from .._jagged import jagged_to_padded, padded_mask, padded_to_jagged, repeat_histories
 from .dice import dice_ref, masked_moments
 
 
@@ -35,8 +35,13 @@ def target_attention_ref(
     softmax_scale: float = 1.0,
     training: bool = False,
     dice_eps: float = 1e-8,
+    query_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """The local activation unit and the weighted sum.
+
+    With ``query_offsets`` [U + 1] (several candidates per history), ``query`` is [Nq, D] and the keys describe U
+    users: each user's history is repeated once per candidate, literally (:func:`din_kernels._jagged.
+    repeat_histories`), and the op runs on the repeated batch.
 
     Args:
         query: ``[B, D]``.
@@ -50,6 +55,8 @@ def target_attention_ref(
         ``(v_U [B, D], w [B, T] or [N], dice_stats)`` where ``dice_stats`` holds ``(mean, biased var, count)`` of
         each hidden layer in Dice training, else is empty. Outputs are in ``query``'s dtype.
     """
+    if query_offsets is not None:
+        keys, lengths, offsets = repeat_histories(keys, lengths, offsets, query_offsets, query.shape[0])
     params = [*weights, *biases, *act_weights]
     cd = compute_dtype(query, keys, *params)
     jagged = offsets is not None

@@ -182,6 +182,7 @@ def attention_fwd(
     keys: torch.Tensor,
     lengths: torch.Tensor | None,
     offsets: torch.Tensor | None,
+    query_offsets: torch.Tensor | None,
     mlp: MLP,
     cfg: AttentionConfig,
     save_z1: bool = False,
@@ -190,7 +191,12 @@ def attention_fwd(
     dice_stats [3, sum(H)], scores_acc, out_acc, z1)``.
 
     With ``save_z1`` (a backward will follow), ``z1`` is the first layer's pre-activation, ``[B, T, H1]`` padded or
-    ``[N, H1]`` jagged, kept so that the backward need not repeat the dominant matmul; otherwise it is empty."""
+    ``[N, H1]`` jagged, kept so that the backward need not repeat the dominant matmul; otherwise it is empty.
+    ``query_offsets``: several candidates per history (:mod:`.attention_multi`)."""
+    if query_offsets is not None:
+        from .attention_multi import attention_fwd_multi
+
+        return attention_fwd_multi(query, keys, lengths, offsets, query_offsets, mlp, cfg)
     st = _Setup(query, keys, lengths, offsets, mlp, cfg)
     normalization, scale, eps = cfg.normalization, cfg.scale, cfg.eps
     out = _alloc.empty(st.B, st.D, dtype=st.cd, device=query.device)
@@ -283,6 +289,7 @@ def attention_bwd(
     keys: torch.Tensor,
     lengths: torch.Tensor | None,
     offsets: torch.Tensor | None,
+    query_offsets: torch.Tensor | None,
     mlp: MLP,
     saved: AttentionSaved,
     cfg: AttentionConfig,
@@ -292,6 +299,11 @@ def attention_bwd(
     ``saved.z1``: the forward's first-layer pre-activation (see :func:`attention_fwd`), or empty to recompute; Dice
     in training recomputes its batch statistics with the forward (the same values as ``saved.dice_stats``).
     """
+    if query_offsets is not None:
+        from .attention_multi import attention_bwd_multi
+
+        return attention_bwd_multi(grad_out, grad_scores, query, keys, lengths, offsets, query_offsets, mlp, saved,
+                                   cfg)
     weights, biases, act_weights = mlp.weights, mlp.biases, mlp.act_weights
     normalization, scale, eps = cfg.normalization, cfg.scale, cfg.eps
     st = _Setup(query, keys, lengths, offsets, mlp, cfg)

@@ -66,6 +66,30 @@ from .attention_smem import (
 __all__ = ["SM90_SMEM_PER_BLOCK", "check_supported", "supports", "target_attention_bwd", "target_attention_fwd"]
 
 
+def _candidate_rows(query_offsets: Tensor, B: int, lengths, offsets, T: int, N: int):
+    """``([3, B] int64: each candidate's first key row, length and first output row, its user [B], covered [B])``
+    for ``query_offsets`` [U + 1], clamped like every other index (no host sync)."""
+    from .._jagged import CandidateIndex, safe_lengths, safe_offsets
+
+    cand = CandidateIndex(query_offsets, B)
+    if offsets is not None:
+        off = safe_offsets(offsets, N)
+        start_u, len_u = off[:-1], off[1:] - off[:-1]
+    else:
+        len_u = safe_lengths(lengths, T)
+        start_u = torch.arange(len_u.shape[0], device=len_u.device) * T
+    if cand.U:
+        kstart = torch.where(cand.valid, start_u[cand.user], 0)
+        length = torch.where(cand.valid, len_u[cand.user], 0)
+    else:
+        kstart = length = torch.zeros(B, dtype=torch.long, device=query_offsets.device)
+    if offsets is not None:
+        ostart = torch.cumsum(length, 0) - length
+    else:
+        ostart = torch.arange(B, device=length.device) * T
+    return torch.stack([kstart, length, ostart]).contiguous(), cand.user, cand.valid
+
+
 class _Problem:
     """The launch geometry and the float32 parameters of one call.
 
@@ -75,7 +99,7 @@ class _Problem:
     ``[3, 0]``).
     """
 
-    def __init__(self, query, keys, lengths, offsets, weights, biases, act_weights, activation):
+    def __init__(self, query, keys, lengths, offsets, weights, biases, act_weights, activation, query_offsets=None):
         check_supported(query, keys, weights)
         self.B, self.D = (int(x) for x in query.shape)
         self.jagged = offsets is not None
@@ -86,11 +110,18 @@ class _Problem:
             self.bucket = triton.next_power_of_2(max(1, -(-self.N // max(self.B, 1))))  # mean length, no sync
         else:
             self.T = int(keys.shape[1])
-            self.N = self.B * self.T
-            self.rows = self.N
+            self.N = int(keys.shape[0]) * self.T
+            self.rows = self.B * self.T
             self.bucket = triton.next_power_of_2(max(1, self.T))
         self.len_ptr = lengths if lengths is not None else offsets
         self.off_ptr = offsets if offsets is not None else lengths
+        # several candidates per history: [3, B] key start, length and output start of each candidate
+        self.cand = None
+        if query_offsets is not None:
+            self.cand, self.user, self.covered = _candidate_rows(query_offsets, self.B, lengths, offsets, self.T,
+                                                                 self.N)
+            if self.jagged:  # scores (and the keys' gradient of each candidate) in candidate order: a host sync
+                self.rows = int(self.cand[1].sum()) if self.B else 0
         self.widths = [int(w.shape[0]) for w in weights[:-1]]
         self.layers = len(self.widths)
         self.H1 = self.widths[0]
@@ -132,7 +163,23 @@ class _Problem:
 
     def kernel_args(self):
         """The arguments that every attention kernel takes first (``q`` ... ``b2``)."""
-        return (self.q, self.keys, self.len_ptr, self.off_ptr, self.C, self.A, self.Wp, self.W2, self.b2)
+        cand = self.cand if self.cand is not None else self.len_ptr
+        return (self.q, self.keys, self.len_ptr, self.off_ptr, cand, self.C, self.A, self.Wp, self.W2, self.b2)
+
+    def sum_keys_grad(self, dk_rows: Tensor, keys: Tensor) -> Tensor:
+        """With candidates: the keys' gradient (keys' shape and dtype) from the candidates' rows ``dk_rows``
+        ([B * T, D] padded, [rows, D] jagged), summed per user in float32."""
+        D = self.D
+        if not self.jagged:
+            out = torch.zeros(keys.shape[0], self.T * D, dtype=torch.float32, device=keys.device)
+            rows = dk_rows.view(self.B, self.T * D).float()
+            out.index_add_(0, self.user[self.covered], rows[self.covered])
+            return out.view(keys.shape).to(keys.dtype)
+        kstart, length, ostart = self.cand
+        target = torch.repeat_interleave(kstart - ostart, length, output_size=self.rows) + torch.arange(
+            self.rows, device=keys.device)
+        out = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
+        return out.index_add_(0, target, dk_rows.float()).to(keys.dtype)
 
 
 def _merge_moments(cnt: Tensor, mean_b: Tensor, m2_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,8 +204,9 @@ def _dice_batch_stats(pb: _Problem, eps: float) -> tuple[Tensor, list[Tensor], l
         act = pb.pack(means + placeholder, rs + placeholder)
         launch(_target_attention_stats_kernel, (pb.B,),
             *pb.kernel_args(), act, cnt, mean_b, m2_b,
-            pb.T, pb.N, pb.D, pb.H1, max(pb.H2, 1), pb.HT, pb.bucket,
-            JAGGED=pb.jagged, LAYER=layer, ACT=pb.act, PREC=pb.prec, INTERP=triton_interpret(), BLOCK_HS=_block(H),
+            pb.B, pb.T, pb.N, pb.D, pb.H1, max(pb.H2, 1), pb.HT, pb.bucket,
+            JAGGED=pb.jagged, CANDIDATES=pb.cand is not None, LAYER=layer, ACT=pb.act, PREC=pb.prec,
+            INTERP=triton_interpret(), BLOCK_HS=_block(H),
             **pb.blocks,
         )
         mean, var, count = _merge_moments(cnt, mean_b, m2_b)
@@ -191,6 +239,7 @@ def target_attention_fwd(
     scale: float,
     training: bool,
     eps: float,
+    query_offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused forward. Inputs as :func:`din_kernels.target_attention` (``query`` [B, D]; ``keys`` [B, T, D] with
     ``lengths`` [B] or [N, D] with ``offsets`` [B + 1]; ``weights``/``biases`` of 1 or 2 hidden layers).
@@ -200,12 +249,12 @@ def target_attention_fwd(
     weights ``w32`` (``[B * T]`` or ``[N]``) and ``out32`` ``[B, D]`` that the backward needs for
     ``delta_b = sum_t w_t dw_t`` (empty tensors with ``normalization == "none"``).
     """
-    pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, activation)
+    pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, activation, query_offsets)
     dev = query.device
     dice_train = activation == "dice" and training
     out = _alloc.empty(pb.B, pb.D, dtype=query.dtype, device=dev)
     # jagged: rows that no sample covers (only with invalid offsets and the checks off) are never written by a kernel
-    w = (torch.zeros(pb.N, dtype=query.dtype, device=dev) if pb.jagged
+    w = (torch.zeros(pb.rows, dtype=query.dtype, device=dev) if pb.jagged
          else _alloc.empty(pb.B, pb.T, dtype=query.dtype, device=dev))
     softmax = normalization == "softmax"
     w32 = _alloc.empty(pb.rows if softmax else 0, dtype=torch.float32, device=dev)
@@ -222,8 +271,9 @@ def target_attention_fwd(
         act = _inference_pack(pb, activation, act_means, act_vars, eps)
     launch(_target_attention_fwd_kernel, (pb.B,),
         *pb.kernel_args(), pb.w_last, pb.b_last, act, out, w, w32, out32,
-        float(scale), pb.T, pb.N, pb.D, pb.H1, max(pb.H2, 1), pb.HL, pb.HT, pb.bucket,
-        JAGGED=pb.jagged, NUM_LAYERS=pb.layers, ACT=pb.act, SOFTMAX=softmax, PREC=pb.prec, INTERP=triton_interpret(),
+        float(scale), pb.B, pb.T, pb.N, pb.D, pb.H1, max(pb.H2, 1), pb.HL, pb.HT, pb.bucket,
+        JAGGED=pb.jagged, CANDIDATES=pb.cand is not None, NUM_LAYERS=pb.layers, ACT=pb.act, SOFTMAX=softmax,
+        PREC=pb.prec, INTERP=triton_interpret(),
         BLOCK_HL=pb.BLOCK_HL, **pb.blocks,
     )
     return out, w, stats, w32, out32
@@ -256,21 +306,25 @@ def target_attention_bwd(
     scale: float,
     training: bool,
     eps: float,
+    query_offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The fused backward: ``(d query [B, D], d keys (keys' shape), d weights, d biases, d act_weights)``.
 
     ``grad_out`` [B, D] and ``grad_scores`` ([B, T] or [N]) may be None; ``stats``, ``w32``, ``out32`` are the
     forward's outputs (see :func:`target_attention_fwd`). Gradients come in the dtypes of their inputs.
     """
-    pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, activation)
+    pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, activation, query_offsets)
     dev = query.device
     f32 = torch.float32
     dice_train = activation == "dice" and training
     B, D, H1, H2, HL, HT = pb.B, pb.D, pb.H1, pb.H2, pb.HL, pb.HT
-    dk = (torch.zeros if pb.jagged else _alloc.empty)(*keys.shape, dtype=keys.dtype, device=dev)
+    if pb.cand is not None:  # each candidate's own rows, summed per user afterwards (sum_keys_grad)
+        dk = (torch.zeros if pb.jagged else _alloc.empty)(pb.rows, D, dtype=keys.dtype, device=dev)
+    else:
+        dk = (torch.zeros if pb.jagged else _alloc.empty)(*keys.shape, dtype=keys.dtype, device=dev)
     if B == 0:
         zeros = lambda ts: [torch.zeros_like(t) for t in ts]  # noqa: E731
-        return (_alloc.empty(0, D, dtype=query.dtype, device=dev), torch.zeros_like(dk), zeros(weights),
+        return (_alloc.empty(0, D, dtype=query.dtype, device=dev), torch.zeros_like(keys), zeros(weights),
                 zeros(biases), zeros(act_weights))
     if dice_train:
         count = stats[2, :1]
@@ -297,8 +351,9 @@ def target_attention_bwd(
             *pb.kernel_args(), pb.w_last, pb.b_last, act, dice_sums, go, gs, out32, w32,
             dk, dq, dc, dA, dWp, dW2, db2, dw_last, db_last, dact, dice_partials,
             B, float(scale), pb.T, pb.N, D, H1, max(H2, 1), HL, HT, pb.bucket,
-            JAGGED=pb.jagged, NUM_LAYERS=pb.layers, ACT=pb.act, SOFTMAX=normalization == "softmax",
-            DICE_TRAIN=dice_train, MODE=mode.value, SPLIT_DQ=pb.split_dq, HAS_GO=grad_out is not None,
+            JAGGED=pb.jagged, CANDIDATES=pb.cand is not None, NUM_LAYERS=pb.layers, ACT=pb.act,
+            SOFTMAX=normalization == "softmax", DICE_TRAIN=dice_train, MODE=mode.value, SPLIT_DQ=pb.split_dq,
+            HAS_GO=grad_out is not None,
             HAS_GS=grad_scores is not None,
             PREC=pb.prec, INTERP=triton_interpret(), BLOCK_HL=pb.BLOCK_HL, BLOCK_HG=block_hg, **pb.blocks,
         )
@@ -336,6 +391,8 @@ def target_attention_bwd(
         for a, g in zip(act_weights, dact.sum(0).split(pb.widths)):
             d_act.append((g.sum().reshape(1) if a.numel() == 1 else g.clone()).to(a.dtype))  # no aliased outputs
     dq_full = (dq + dc @ pb.Wqd).to(query.dtype)
+    if pb.cand is not None:
+        dk = pb.sum_keys_grad(dk, keys)
     d_weights = [g.to(x.dtype) for g, x in zip(d_weights, weights)]
     d_biases = [g.to(x.dtype) for g, x in zip(d_biases, biases)]
     return dq_full, dk, d_weights, d_biases, d_act

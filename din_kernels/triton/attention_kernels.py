@@ -72,6 +72,21 @@ ACTIVATION_CODES = {"sigmoid": ACT_SIGMOID.value, "relu": ACT_RELU.value, "prelu
 
 
 @triton.jit
+def _rows_of(b, len_ptr, off_ptr, cand_ptr, NC, T, N, JAGGED: tl.constexpr, CANDIDATES: tl.constexpr):
+    """``(first key row, first output row, clamped length)`` (int64) of sample ``b``. With ``CANDIDATES`` (several
+    candidates per history) ``b`` is a candidate, and ``cand_ptr`` [3, NC] holds each candidate's key start, length
+    and output start (of its scores and its rows of the keys' gradient), computed and clamped by the launcher."""
+    if CANDIDATES:
+        kstart = tl.load(cand_ptr + b).to(tl.int64)
+        length = tl.load(cand_ptr + NC + b).to(tl.int64)
+        ostart = tl.load(cand_ptr + 2 * NC + b).to(tl.int64)
+    else:
+        kstart, length = _sample_range(b, len_ptr, off_ptr, T, N, JAGGED)
+        ostart = kstart
+    return kstart, ostart, length
+
+
+@triton.jit
 def _sample_range(b, len_ptr, off_ptr, T, N, JAGGED: tl.constexpr):
     """First row (int64) and clamped length (int64) of sample ``b``."""
     if JAGGED:
@@ -260,17 +275,18 @@ def _load_keys(k_ptr, rows, valid, d, D):
 @triton.autotune(configs=_autotune_configs(_FWD_TILES), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _target_attention_stats_kernel(
-    q_ptr, k_ptr, len_ptr, off_ptr, c_ptr, A_ptr, wp_ptr, w2_ptr, b2_ptr, act_pack_ptr,
+    q_ptr, k_ptr, len_ptr, off_ptr, cand_ptr, c_ptr, A_ptr, wp_ptr, w2_ptr, b2_ptr, act_pack_ptr,
     cnt_ptr, mean_ptr, m2_ptr,
-    T, N, D, H1, H2, HT, T_BUCKET,
-    JAGGED: tl.constexpr, LAYER: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    NC, T, N, D, H1, H2, HT, T_BUCKET,
+    JAGGED: tl.constexpr, CANDIDATES: tl.constexpr, LAYER: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+    INTERP: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
     BLOCK_HS: tl.constexpr,
 ):
     """Per-sample count [B], mean and sum of squared deviations [B, H] of hidden layer ``LAYER``'s pre-activations
     over the sample's behaviours (Dice training statistics, merged over samples by the launcher)."""
     b = tl.program_id(0).to(tl.int64)
-    start, L = _sample_range(b, len_ptr, off_ptr, T, N, JAGGED)
+    start, _, L = _rows_of(b, len_ptr, off_ptr, cand_ptr, NC, T, N, JAGGED, CANDIDATES)
     d = tl.arange(0, BLOCK_D)
     j1 = tl.arange(0, BLOCK_H1)
     j2 = tl.arange(0, BLOCK_H2)
@@ -315,10 +331,11 @@ def _target_attention_stats_kernel(
 @triton.autotune(configs=_autotune_configs(_FWD_TILES), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _target_attention_fwd_kernel(
-    q_ptr, k_ptr, len_ptr, off_ptr, c_ptr, A_ptr, wp_ptr, w2_ptr, b2_ptr, w_last_ptr, b_last_ptr, act_pack_ptr,
-    out_ptr, w_ptr, w32_ptr, out32_ptr,
-    scale, T, N, D, H1, H2, HL, HT, T_BUCKET,
-    JAGGED: tl.constexpr, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
+    q_ptr, k_ptr, len_ptr, off_ptr, cand_ptr, c_ptr, A_ptr, wp_ptr, w2_ptr, b2_ptr, w_last_ptr, b_last_ptr,
+    act_pack_ptr, out_ptr, w_ptr, w32_ptr, out32_ptr,
+    scale, NC, T, N, D, H1, H2, HL, HT, T_BUCKET,
+    JAGGED: tl.constexpr, CANDIDATES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    SOFTMAX: tl.constexpr, PREC: tl.constexpr,
     INTERP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
     BLOCK_HL: tl.constexpr,
 ):
@@ -326,7 +343,7 @@ def _target_attention_fwd_kernel(
     copies ``out32[b]`` and ``w32`` (whose rows hold the raw logits until the sample's log-sum-exp is known)."""
     b = tl.program_id(0).to(tl.int64)
     scale = tl.cast(scale, tl.float32)
-    start, L = _sample_range(b, len_ptr, off_ptr, T, N, JAGGED)
+    start, ostart, L = _rows_of(b, len_ptr, off_ptr, cand_ptr, NC, T, N, JAGGED, CANDIDATES)
     d = tl.arange(0, BLOCK_D)
     j1 = tl.arange(0, BLOCK_H1)
     j2 = tl.arange(0, BLOCK_H2)
@@ -352,8 +369,12 @@ def _target_attention_fwd_kernel(
     for t0 in range(0, L, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         valid = t < L
-        rows = start + t
-        K = _load_keys(k_ptr, rows, valid, d, D)
+        if CANDIDATES:  # the user's keys; the candidate's rows of w and w32
+            K = _load_keys(k_ptr, start + t, valid, d, D)
+            rows = ostart + t
+        else:
+            rows = start + t
+            K = _load_keys(k_ptr, rows, valid, d, D)
         z1, h1, z2, h2 = _hidden_layers_fwd(K, Mt_hi, Mt_lo, c, W2t_hi, W2t_lo, b2, alpha1, mu1, r1, alpha2, mu2, r2,
                                             NUM_LAYERS, ACT, PREC, INTERP)
         s = tl.sum(h2 * w_last[None, :], 1) + b_last
@@ -377,7 +398,7 @@ def _target_attention_fwd_kernel(
         for t0 in range(0, L, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             valid = t < L
-            rows = start + t
+            rows = ostart + t
             x = tl.load(w32_ptr + rows, mask=valid, other=0.0)
             wv = tl.exp(x - lse)
             tl.store(w32_ptr + rows, wv, mask=valid)
@@ -398,12 +419,12 @@ def _target_attention_fwd_kernel(
 @triton.autotune(configs=_autotune_configs(_BWD_TILES), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _target_attention_bwd_kernel(
-    q_ptr, k_ptr, len_ptr, off_ptr, c_ptr, A_ptr, wp_ptr, w2_ptr, b2_ptr, w_last_ptr, b_last_ptr, act_pack_ptr,
-    dice_sums_ptr,
+    q_ptr, k_ptr, len_ptr, off_ptr, cand_ptr, c_ptr, A_ptr, wp_ptr, w2_ptr, b2_ptr, w_last_ptr, b_last_ptr,
+    act_pack_ptr, dice_sums_ptr,
     grad_out_ptr, grad_scores_ptr, out32_ptr, w32_ptr,
     dk_ptr, dq_ptr, dc_ptr, dA_ptr, dWp_ptr, dW2_ptr, db2_ptr, dw_last_ptr, db_last_ptr, dact_ptr, dice_partials_ptr,
     B, scale, T, N, D, H1, H2, HL, HT, T_BUCKET,
-    JAGGED: tl.constexpr, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr,
+    JAGGED: tl.constexpr, CANDIDATES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr,
     DICE_TRAIN: tl.constexpr, MODE: tl.constexpr, SPLIT_DQ: tl.constexpr, HAS_GO: tl.constexpr, HAS_GS: tl.constexpr,
     PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr,
     BLOCK_H2: tl.constexpr,
@@ -467,7 +488,9 @@ def _target_attention_bwd_kernel(
     sum_g_acc = tl.zeros([BLOCK_HG], dtype=tl.float32)
     sum_gu_acc = tl.zeros([BLOCK_HG], dtype=tl.float32)
     for b in range(pid, B, n_prog):
-        start, L = _sample_range(b, len_ptr, off_ptr, T, N, JAGGED)
+        # key rows start + t; rows of w32, grad_scores and dk: ostart + t (with CANDIDATES, dk is the candidates'
+        # own buffer, summed per user by the launcher)
+        start, ostart, L = _rows_of(b, len_ptr, off_ptr, cand_ptr, B, T, N, JAGGED, CANDIDATES)
         q = _load_vec(q_ptr + b * D, d, D)
         # M_b^T (layer 1) and, for dK, M_b: read per sample from global memory (L2) in both orientations rather
         # than transposed on chip
@@ -489,16 +512,20 @@ def _target_attention_bwd_kernel(
                 for t0 in range(0, L, BLOCK_T):
                     t = t0 + tl.arange(0, BLOCK_T)
                     valid = t < L
-                    wv = tl.load(w32_ptr + start + t, mask=valid, other=0.0)
-                    gv = tl.load(grad_scores_ptr + start + t, mask=valid, other=0.0).to(tl.float32)
+                    wv = tl.load(w32_ptr + ostart + t, mask=valid, other=0.0)
+                    gv = tl.load(grad_scores_ptr + ostart + t, mask=valid, other=0.0).to(tl.float32)
                     delta += tl.sum(wv * gv, 0)
         dq_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         dc_acc = tl.zeros([BLOCK_H1], dtype=tl.float32)
         for t0 in range(0, L, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             valid = t < L
-            rows = start + t
-            K = _load_keys(k_ptr, rows, valid, d, D)
+            if CANDIDATES:
+                K = _load_keys(k_ptr, start + t, valid, d, D)
+                rows = ostart + t
+            else:
+                rows = start + t
+                K = _load_keys(k_ptr, rows, valid, d, D)
             z1, h1, z2, h2 = _hidden_layers_fwd(K, Mt_hi, Mt_lo, c, W2t_hi, W2t_lo, b2, alpha1, mu1, r1, alpha2, mu2,
                                                 r2, NUM_LAYERS, ACT, PREC, INTERP)
             dw = zero_t
