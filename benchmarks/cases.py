@@ -117,7 +117,7 @@ def to_dtype(name: str) -> torch.dtype:
 def shape_label(op: str, shape: dict) -> str:
     """``B=1024 T=100 D=128``: the size fields of a shape (hidden widths and activation left out)."""
     keys = {"attention": ("B", "T", "D"), "dice": ("N", "C"), "mba": ("K", "B", "L", "D", "ids"),
-            "din_step": ("B", "T", "D")}[op]
+            "din_step": ("B", "T", "D"), "serve": ("U", "C", "T", "D")}[op]
     return " ".join(f"{k}={shape[k]}" for k in keys if k in shape)
 
 
@@ -522,30 +522,57 @@ def _din_batch(shape, device, seed):
     return {"ad": ad, "hist": hist, "hist_len": lengths, "user": user}, label, n_cate
 
 
+def din_model(shape: dict, n_cate: int, backend: str, device: torch.device, lam: float = 0.0) -> nn.Module:
+    """Our DIN of the benchmarks: two item fields (goods, category) of D/2 each, one user field of D/2, attention
+    :data:`DIN_ATT_HIDDEN` sigmoid, MLP :data:`DIN_MLP_HIDDEN` PReLU, on ``backend``."""
+    from din_kernels.nn.din import FeatureSchema, Field
+
+    K = shape["vocab"]
+    _, half, user_dim = din_fields(shape)
+    schema = FeatureSchema(item_fields=(Field("goods", K, half), Field("cate", n_cate, half)),
+                           user_fields=(Field("uid", K, user_dim),))
+    return _din_class()(schema, mlp_hidden=DIN_MLP_HIDDEN, activation="prelu", att_hidden=DIN_ATT_HIDDEN,
+                        att_activation="sigmoid", mba_lambda=lam, backend=backend).to(device)
+
+
+def peer_din_model(shape: dict, n_cate: int, device: torch.device, lam: float = 0.0) -> nn.Module:
+    """DeepCTR-Torch's DIN with the fields, widths and activations of :func:`din_model` (its own weights)."""
+    from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
+    from deepctr_torch.models import DIN as PeerDIN
+
+    T, K = shape["T"], shape["vocab"]
+    _, half, user_dim = din_fields(shape)
+    columns = [SparseFeat("user", K, embedding_dim=user_dim), SparseFeat("item_id", K, embedding_dim=half),
+               SparseFeat("cate_id", n_cate, embedding_dim=half),
+               VarLenSparseFeat(SparseFeat("hist_item_id", K, embedding_dim=half, embedding_name="item_id"),
+                                maxlen=T, length_name="seq_length"),
+               VarLenSparseFeat(SparseFeat("hist_cate_id", n_cate, embedding_dim=half, embedding_name="cate_id"),
+                                maxlen=T, length_name="seq_length")]
+    return PeerDIN(columns, ["item_id", "cate_id"], dnn_hidden_units=DIN_MLP_HIDDEN, dnn_activation="prelu",
+                   att_hidden_size=DIN_ATT_HIDDEN, att_activation="sigmoid", l2_reg_embedding=lam,
+                   device=str(device)).to(device)
+
+
+def peer_din_input(model: nn.Module, batch: dict) -> Tensor:
+    """The input matrix of :func:`peer_din_model` for a padded batch of :func:`_din_batch`'s keys: its columns in
+    the order of the model's ``feature_index`` (DeepCTR-Torch puts ``seq_length`` after the first sequence)."""
+    columns = {"user": batch["user"], "item_id": batch["ad"][:, :1], "cate_id": batch["ad"][:, 1:],
+               "hist_item_id": batch["hist"][..., 0], "hist_cate_id": batch["hist"][..., 1],
+               "seq_length": batch["hist_len"][:, None]}
+    order = sorted(model.feature_index.items(), key=lambda item: item[1][0])
+    return torch.cat([columns[name] for name, _ in order], 1).float()
+
+
 def _din_step(shape, dtype, device, provider, seed):
     import torch.nn.functional as F
 
     batch, label, n_cate = _cached(("din_step", shape, device, seed), lambda: _din_batch(shape, device, seed))
-    T, K = shape["T"], shape["vocab"]
-    di, half, user_dim = din_fields(shape)
     lam = 1e-6
     info = {"N": int(batch["hist_len"].sum())}
     torch.manual_seed(seed)
     if provider == PEER:
-        from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
-        from deepctr_torch.models import DIN as PeerDIN
-
-        columns = [SparseFeat("user", K, embedding_dim=user_dim), SparseFeat("item_id", K, embedding_dim=half),
-                   SparseFeat("cate_id", n_cate, embedding_dim=half),
-                   VarLenSparseFeat(SparseFeat("hist_item_id", K, embedding_dim=half, embedding_name="item_id"),
-                                    maxlen=T, length_name="seq_length"),
-                   VarLenSparseFeat(SparseFeat("hist_cate_id", n_cate, embedding_dim=half, embedding_name="cate_id"),
-                                    maxlen=T, length_name="seq_length")]
-        model = PeerDIN(columns, ["item_id", "cate_id"], dnn_hidden_units=DIN_MLP_HIDDEN, dnn_activation="prelu",
-                        att_hidden_size=DIN_ATT_HIDDEN, att_activation="sigmoid", l2_reg_embedding=lam,
-                        device=str(device)).to(device)
-        X = torch.cat([batch["user"], batch["ad"][:, :1], batch["ad"][:, 1:], batch["hist"][..., 0],
-                       batch["hist"][..., 1], batch["hist_len"][:, None]], 1).float()
+        model = peer_din_model(shape, n_cate, device, lam)
+        X = peer_din_input(model, batch)
 
         def forward():
             return model(X).squeeze(-1)
@@ -553,13 +580,8 @@ def _din_step(shape, dtype, device, provider, seed):
         def loss():
             return F.binary_cross_entropy(forward(), label) + model.get_regularization_loss()
     else:
-        from din_kernels.nn.din import FeatureSchema, Field
-
-        schema = FeatureSchema(item_fields=(Field("goods", K, half), Field("cate", n_cate, half)),
-                               user_fields=(Field("uid", K, user_dim),))
         backend = "reference" if provider == "reference_compile" else provider
-        model = _din_class()(schema, mlp_hidden=DIN_MLP_HIDDEN, activation="prelu", att_hidden=DIN_ATT_HIDDEN,
-                             att_activation="sigmoid", mba_lambda=lam, backend=backend).to(device)
+        model = din_model(shape, n_cate, backend, device, lam)
         fwd = torch.compile(model, dynamic=True) if provider == "reference_compile" else model
 
         def forward():
@@ -598,7 +620,11 @@ _BUILDERS = {"attention": _attention, "dice": _dice, "mba": _mba, "din_step": _d
 
 def build(op: str, provider: str, shape: dict, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Workload:
     """The :class:`Workload` of ``provider`` on ``op`` at ``shape``: the same inputs (same seed) and the same
-    weights for every provider."""
+    weights for every provider. ``op`` ``serve`` is :func:`benchmarks.serve.build`."""
+    if op == "serve":
+        from . import serve
+
+        return serve.build(provider, shape, dtype, torch.device(device), seed)
     return _BUILDERS[op](shape, dtype, torch.device(device), provider, seed)
 
 

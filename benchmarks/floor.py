@@ -146,6 +146,39 @@ def din_step_cost(B: int, N: int, T: int, item_dim: int, other_dim: int, att_hid
     return att + Cost(3 * mlp_flops + 2 * rows, itemsize * (4 * rows + 4 * n_params) + ids)
 
 
+def serve_attention_cost(U: int, Nq: int, N: int, pairs: int, D: int, hidden: Sequence[int], itemsize: int,
+                         activation: str = "sigmoid") -> Cost:
+    """Target attention of ``Nq`` candidates over the histories of their ``U`` users (``query_offsets``; forward,
+    inference): ``N`` valid behaviours over the U users, ``pairs`` (candidate, behaviour) pairs (the sum over the
+    candidates of their user's length).
+
+    FLOPs: :func:`attention_cost`'s forward with one sample per candidate (``B = Nq``: each candidate's factorised
+    first layer ``M_b``, ``c_b``) and ``pairs`` behaviours: every pair's MLP depends on both the candidate and the
+    behaviour, so no kernel avoids it. Bytes: the history-only part once per user: the keys (``N * D``), lengths
+    and ``query_offsets`` (int64, ``U`` and ``U + 1``); the candidates (``Nq * D``) read and the pooled ``[Nq, D]``
+    written once; the MLP's parameters.
+    """
+    fwd = attention_cost(Nq, pairs, D, hidden, "forward", itemsize, activation)
+    params = mlp_params(4 * D, hidden)
+    return Cost(fwd.flops, itemsize * (N * D + 2 * Nq * D + params) + 8 * (2 * U + 1))
+
+
+def serve_model_cost(U: int, Nq: int, N: int, pairs: int, T: int, item_dim: int, user_dim: int,
+                     att_hidden: Sequence[int], mlp_hidden: Sequence[int], itemsize: int, n_item_fields: int = 2,
+                     n_user_fields: int = 1) -> Cost:
+    """The whole DIN scoring ``Nq`` candidates of ``U`` users (``DIN.rank``; inference): the attention of
+    :func:`serve_attention_cost` (each history gathered and read once per user), the user rows (``U``), the MLP
+    over ``[user, interest, candidate]`` per candidate (``2 * in * out`` and 2 per output element a layer), the ids
+    (int64: ``n_item_fields`` per behaviour slot ``U * T`` and per candidate, ``n_user_fields`` per user) and one
+    logit per candidate written."""
+    widths = (user_dim + 2 * item_dim, *mlp_hidden, 1)
+    mlp_flops = Nq * sum(2 * a * b + 2 * b for a, b in zip(widths[:-1], widths[1:]))
+    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    ids = 8 * ((U * T + Nq) * n_item_fields + U * n_user_fields + U + 1)
+    att = serve_attention_cost(U, Nq, N, pairs, item_dim, att_hidden, itemsize)
+    return att + Cost(mlp_flops, itemsize * (U * user_dim + n_params + Nq) + ids)
+
+
 def floor_ms(cost: Cost, peak_flops: float, peak_bandwidth: float) -> float:
     """``max(flops / peak_flops, bytes / peak_bandwidth)`` in milliseconds (rates in FLOP/s and bytes/s)."""
     if peak_flops <= 0 or peak_bandwidth <= 0:

@@ -5,8 +5,9 @@
     python benchmarks/readme_results.py --check              # exit 1 when README.md is not up to date
 
 Only the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` changes: for each device, its name, the
-date, torch and git of the run, the headline table (CPU), and one table per op (mode full; MBA forward) with each
-provider's median time and its speed-up over the eager reference.
+date, torch and git of the run, the headline table (CPU), one table per op (mode full; MBA forward) with each
+provider's median time and its speed-up over the eager reference, and the serve section (users/s, latency, the
+floor, the plot of throughput against the candidates per user when it is next to the JSON).
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ def section(rows: list[dict], source: str) -> str:
     if mba:
         parts.append(mba.replace("### ", "**", 1).replace("\n", "**\n", 1))
     parts += [t for t in (pivot(rows, op) for op in ("attention", "dice", "mba", "din_step")) if t]
+    serve = report.serve_markdown(rows, "**serve** (several candidates per user history: `query_offsets`, "
+                                        "`DIN.rank`)")
+    if serve:
+        parts.append(serve)
+        plot = source.removesuffix("-latest.jsonl") + "-serve-sweep.png"
+        if plot != source and os.path.exists(plot):
+            parts.append(f"![serve: throughput against the candidates per user]({os.path.relpath(plot, ROOT)})")
     return "\n\n".join(parts)
 
 

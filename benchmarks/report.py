@@ -26,7 +26,8 @@ from benchmarks.cases import HEADLINE, PEER, PROVIDERS, shape_label  # noqa: E40
 REQUIRED = ("op", "provider", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "floor_ms",
             "torch", "git")
 SHAPE_KEYS = {"attention": ("B", "T", "D", "hidden", "activation"), "dice": ("N", "C"),
-              "mba": ("K", "B", "L", "D", "ids"), "din_step": ("B", "T", "D", "vocab")}
+              "mba": ("K", "B", "L", "D", "ids"), "din_step": ("B", "T", "D", "vocab"),
+              "serve": ("part", "U", "C", "T", "D", "hidden", "activation")}
 OPTIONAL_SHAPE_KEYS = {"ids"}  # MBA: the ids' range when narrower than the table (the same batch for every K)
 
 
@@ -187,6 +188,178 @@ def mba_k_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------- serve
+
+SERVE_METHODS = ("query_offsets", "rank", "package", "repeated", "forward_repeated", PEER)
+SERVE_BACKENDS = ("cuda", "triton", "cpu", "torch", "reference", None)
+
+
+def serve_rows(rows: list[dict], part: str) -> list[dict]:
+    """The measured rows of one part of the serve section, ours first (by method, then backend), the peer last."""
+    rs = [r for r in ok_rows(rows) if r.get("op") == "serve" and r.get("part") == part]
+
+    def key(r):
+        m, b = r.get("method"), r.get("backend")
+        return (SERVE_METHODS.index(m) if m in SERVE_METHODS else 99,
+                SERVE_BACKENDS.index(b) if b in SERVE_BACKENDS else 99)
+
+    return sorted(rs, key=key)
+
+
+def serve_baseline(row: dict, rs: list[dict]) -> dict | None:
+    """The row ``row`` is compared with on the same backend: the repeat for ``query_offsets``/``rank``, the eager
+    ``rank`` for the package."""
+    other = {"query_offsets": "repeated", "rank": "forward_repeated", "package": "rank"}.get(row.get("method"))
+    return next((r for r in rs if r.get("method") == other and r.get("backend") == row.get("backend")), None)
+
+
+def _rate(x) -> str:
+    if not isinstance(x, (int, float)) or math.isnan(x):
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _x_floor(ms: float, row: dict) -> str:
+    """``ms`` as a multiple of the row's floor."""
+    return f"{ms / row['floor_ms']:.2f}x" if row.get("floor_ms") else "-"
+
+
+def _peer(rs: list[dict]) -> dict | None:
+    return next((r for r in rs if r.get("method") == PEER), None)
+
+
+def _best(rs: list[dict], method: str) -> dict | None:
+    ours = [r for r in rs if r.get("method") == method and r.get("backend") != "reference"]
+    return min(ours, key=lambda r: r["median_ms"]) if ours else None
+
+
+def serve_summary(rows: list[dict]) -> str:
+    """One line per goal of the section, from its rows: the fastest of our backends against the peer, the repeat,
+    the floor; the package against eager ``rank``; the latency of one user."""
+    lines = []
+    att, model = serve_rows(rows, "attention"), serve_rows(rows, "model")
+    best, peer = _best(att, "query_offsets"), _peer(att)
+    if best:
+        r = best
+        parts = [f"attention, U={r['U']} users x C={r['C']} candidates, T={r['T']}, D={r['D']}: "
+                 f"`{r['provider']}` {fmt_ms(r['median_ms'])} ms ({_rate(r['users_per_s'])} users/s)"]
+        if peer:
+            parts.append(f"speed-up {peer['median_ms'] / r['median_ms']:.1f}x over `{PEER}` on the repeated history")
+        base = serve_baseline(r, att)
+        if base:
+            parts.append(f"{base['median_ms'] / r['median_ms']:.1f}x over `{base['provider']}`")
+        if r.get("floor_ms"):
+            parts.append(f"{r['median_ms'] / r['floor_ms']:.2f}x its floor ({r['floor_ms']:.3g} ms at "
+                         f"{1e3 * r.get('peak_rate_tflops', 0):.3g} GFLOP/s)")
+        lines.append("- " + ", ".join(parts))
+    best, peer = _best(model, "rank"), _peer(model)
+    if best:
+        r = best
+        parts = [f"whole model: `{r['provider']}` {_rate(r['users_per_s'])} users/s "
+                 f"({_rate(r['candidates_per_s'])} candidates/s)"]
+        if peer:
+            parts.append(f"{r['users_per_s'] / peer['users_per_s']:.1f}x the users/s of `{PEER}`'s DIN on the "
+                         "repeated batch")
+        base = serve_baseline(r, model)
+        if base:
+            parts.append(f"{r['users_per_s'] / base['users_per_s']:.1f}x `{base['provider']}`")
+        lines.append("- " + ", ".join(parts))
+    pkg = next((r for r in model if r.get("method") == "package"), None)
+    if pkg:
+        base = serve_baseline(pkg, model)
+        if base:
+            lines.append(f"- the exported package: {fmt_ms(pkg['median_ms'])} ms, "
+                         f"{base['median_ms'] / pkg['median_ms']:.2f}x the speed of eager `{base['provider']}`")
+    lat = serve_rows(rows, "latency")
+    best = _best(lat, "rank")
+    if best:
+        lines.append(f"- latency, one user x {best['C']} candidates, 1 thread: `{best['provider']}` p50 "
+                     f"{fmt_ms(best['p50_ms'])} ms, p99 {fmt_ms(best['p99_ms'])} ms ({best['samples']} calls)")
+    return "\n".join(lines)
+
+
+def serve_throughput_table(rows: list[dict]) -> str:
+    """The attention and model parts: users/s and candidates/s, against the peer, the repeat and the floor."""
+    out = []
+    for part in ("attention", "model"):
+        rs = serve_rows(rows, part)
+        if not rs:
+            continue
+        if not out:
+            out += ["| part | provider | users/s | candidates/s | median ms | p20-p80 ms | vs deepctr_torch "
+                    "| vs the repeat | floor ms | x floor | peak MB |",
+                    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        peer = _peer(rs)
+        for r in rs:
+            base = serve_baseline(r, rs)
+            vs_base = f"{_ratio(base['median_ms'], r['median_ms'])} (`{base['provider']}`)" if base else "-"
+            out.append(f"| {part} U={r['U']} C={r['C']} | {r['provider']} | {_rate(r['users_per_s'])} | "
+                       f"{_rate(r['candidates_per_s'])} | {fmt_ms(r['median_ms'])} | "
+                       f"{fmt_ms(r['p20_ms'])}-{fmt_ms(r['p80_ms'])} | "
+                       f"{_ratio(peer['median_ms'], r['median_ms']) if peer else '-'} | {vs_base} | "
+                       f"{r['floor_ms']:.3g} | {_x_floor(r['median_ms'], r)} | {_fmt_mb(r.get('peak_mem_mb'))} |")
+    return "\n".join(out)
+
+
+def serve_latency_table(rows: list[dict]) -> str:
+    """The latency part: p50/p99 of one user's candidates, one call at a time, one thread."""
+    rs = serve_rows(rows, "latency")
+    if not rs:
+        return ""
+    peer = _peer(rs)
+    lines = ["| provider | p50 ms | p99 ms | max ms | calls | floor ms (1 thread) | p50 / floor "
+             "| p50 vs deepctr_torch |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rs:
+        lines.append(f"| {r['provider']} | {fmt_ms(r['p50_ms'])} | {fmt_ms(r['p99_ms'])} | {fmt_ms(r.get('max_ms'))} "
+                     f"| {r['samples']} | {r['floor_ms']:.3g} | {_x_floor(r['p50_ms'], r)} | "
+                     f"{_ratio(peer['p50_ms'], r['p50_ms']) if peer else '-'} |")
+    return "\n".join(lines)
+
+
+def serve_sweep_table(rows: list[dict]) -> str:
+    """The sweep: candidates/s of each provider against the candidates per user, and the floor's."""
+    rs = serve_rows(rows, "sweep")
+    if not rs:
+        return ""
+    cs = sorted({r["C"] for r in rs})
+    by: dict = defaultdict(dict)
+    floors = {}
+    for r in rs:
+        by[r["provider"]][r["C"]] = r
+        floors[r["C"]] = r["Nq"] / (r["floor_ms"] / 1e3) if r.get("floor_ms") else float("nan")
+    lines = ["| provider | " + " | ".join(f"C={c}" for c in cs) + " |",
+             "| --- | " + " | ".join("---:" for _ in cs) + " |"]
+    for p, by_c in by.items():
+        lines.append(f"| {p} | " + " | ".join(_rate(by_c[c]["candidates_per_s"]) if c in by_c else "-" for c in cs)
+                     + " |")
+    lines.append("| floor | " + " | ".join(_rate(floors.get(c)) for c in cs) + " |")
+    return "\n".join(lines)
+
+
+def serve_markdown(rows: list[dict], title: str = "### serve") -> str:
+    """The serve section under ``title``: the summary, the throughput, latency and sweep tables."""
+    through = serve_throughput_table(rows)
+    if not through and not serve_rows(rows, "latency") and not serve_rows(rows, "sweep"):
+        return ""
+    any_row = next(r for r in ok_rows(rows) if r.get("op") == "serve")
+    about = (f"Users with T={any_row['T']} behaviours, D={any_row['D']} (two item fields), attention "
+             f"{tuple(any_row['hidden'])} {any_row['activation']}, MLP {tuple(any_row.get('mlp') or (200, 80))}; "
+             "float32 inference. `query_offsets_*` / `rank_*`: each history once per user; `repeated_*` / "
+             "`forward_repeated_*` / `deepctr_torch`: the history repeated once per candidate (built in the timed "
+             "call). `x floor`: median / floor (FLOPs of every candidate-behaviour pair, the history read once per "
+             "user).")
+    parts = [title, about, serve_summary(rows), through]
+    lat = serve_latency_table(rows)
+    if lat:
+        r = serve_rows(rows, "latency")[0]
+        parts += [f"Latency: one user x {r['C']} candidates, one call at a time, `torch.set_num_threads(1)`.", lat]
+    sweep = serve_sweep_table(rows)
+    if sweep:
+        r = serve_rows(rows, "sweep")[0]
+        parts += [f"Candidates/s against the candidates per user (U={r['U']} users).", sweep]
+    return "\n\n".join(p for p in parts if p)
+
+
 def markdown(rows: list[dict], meta: dict | None = None) -> str:
     """The whole report: header, headline, MBA-vs-K, one table per op, what was not measured."""
     okr = ok_rows(rows)
@@ -202,6 +375,7 @@ def markdown(rows: list[dict], meta: dict | None = None) -> str:
         head.append(f"command: `{meta['command']}`")
     parts = ["\n".join(head), headline_table(rows), mba_k_table(rows)]
     parts += [op_table(rows, op) for op in ("attention", "dice", "mba", "din_step")]
+    parts.append(serve_markdown(rows))
     parts.append(skipped_table(rows))
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -292,6 +466,49 @@ def plot_time_vs_t(rows: list[dict], path: str) -> str | None:
     return path
 
 
+def plot_serve_sweep(rows: list[dict], path: str) -> str | None:
+    """The serve sweep: candidates/s and users/s against the candidates per user, one line per provider (colour by
+    method, line style by backend), the floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = serve_rows(rows, "sweep")
+    if len({r["C"] for r in rs}) < 2:
+        return None
+    styles = {"cpu": "-", "cuda": "-", "triton": "-.", "torch": "--", None: ":"}
+    cmap = matplotlib.colormaps["tab10"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    providers = list(dict.fromkeys(r["provider"] for r in rs))
+    for key, ax, label in (("candidates_per_s", axes[0], "candidates/s"), ("users_per_s", axes[1], "users/s")):
+        for p in providers:
+            pts = sorted((r["C"], r[key]) for r in rs if r["provider"] == p)
+            r0 = next(r for r in rs if r["provider"] == p)
+            m = r0.get("method")
+            ax.plot([c for c, _ in pts], [y for _, y in pts], marker="o", label=p,
+                    color=cmap(SERVE_METHODS.index(m) if m in SERVE_METHODS else 9),
+                    linestyle=styles.get(r0.get("backend"), "-"))
+        floor_pts = sorted({(r["C"], r["Nq"] / (r["floor_ms"] / 1e3) * (1 if key == "candidates_per_s" else
+                                                                         r["U"] / r["Nq"]))
+                            for r in rs if r.get("floor_ms")})
+        if floor_pts:
+            ax.plot([c for c, _ in floor_pts], [y for _, y in floor_pts], "k--", lw=0.8, label="floor")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("candidates per user")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", lw=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    r = rs[0]
+    fig.suptitle(f"Serving: throughput against the candidates per user (U={r['U']} users, T={r['T']}, D={r['D']}): "
+                 f"{r['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_reports(rows: list[dict], out_dir: str, meta: dict | None = None, plots: bool = True,
                   stem: str | None = None) -> dict[str, str]:
     """Writes ``<stem>-latest.md`` and the plots next to the JSON; returns ``{kind: path}``."""
@@ -303,7 +520,8 @@ def write_reports(rows: list[dict], out_dir: str, meta: dict | None = None, plot
     with open(paths["md"], "w") as f:
         f.write(md)
     if plots and ok_rows(rows):
-        for kind, fn in (("speedup", plot_speedup), ("time_vs_t", plot_time_vs_t)):
+        for kind, fn in (("speedup", plot_speedup), ("time_vs_t", plot_time_vs_t),
+                         ("serve_sweep", plot_serve_sweep)):
             try:
                 p = fn(rows, os.path.join(out_dir, f"{stem}-{kind.replace('_', '-')}.png"))
             except Exception as e:  # noqa: BLE001 - a plot never loses the results

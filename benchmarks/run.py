@@ -42,11 +42,13 @@ if ROOT not in sys.path:  # run as a script: make the repository root (benchmark
 import torch  # noqa: E402
 
 import din_kernels  # noqa: E402
-from benchmarks import cases, floor, measure, report  # noqa: E402
+from benchmarks import cases, floor, measure, report, serve  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # shares of --time-budget by op (cumulative: time an op leaves unused passes on to the next)
-BUDGET_WEIGHTS = {"attention": 0.5, "dice": 0.2, "mba": 0.15, "din_step": 0.15}
+BUDGET_WEIGHTS = {"attention": 0.5, "dice": 0.2, "mba": 0.15, "din_step": 0.15, "serve": 0.2}
+# the ops of a run: the cases of benchmarks/cases.py, then the serving section (benchmarks/serve.py)
+ALL_OPS = (*cases.OPS, "serve")
 
 
 def git_commit() -> str:
@@ -137,7 +139,9 @@ class Runner:
 
     # --------------------------------------------------------------------------------------------- measure
     def providers_for(self, op, shape, dtype) -> list[str]:
-        wanted = self.args.providers or cases.PROVIDERS
+        wanted = cases.PROVIDERS
+        if self.args.providers:  # names of the serve section's providers are not this op's
+            wanted = [p for p in self.args.providers if p in cases.PROVIDERS]
         ok, skipped = cases.available_providers(op, self.device, wanted, dtype, shape, self.args.full)
         for p, reason in skipped.items():
             self.skip(op, p, shape, dtype, reason)
@@ -261,8 +265,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shapes", default=None, choices=sorted(cases.SHAPE_SETS),
                     help="shape set (default: 'default' on the CPU, 'gpu' on a GPU)")
     ap.add_argument("--full", action="store_true", help="the production shape set (and the compile of the DIN model)")
-    ap.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(cases.OPS)}")
-    ap.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(cases.PROVIDERS)}")
+    ap.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(ALL_OPS)}")
+    ap.add_argument("--providers", default=None,
+                    help=f"comma-separated subset of {','.join(cases.PROVIDERS)} (serve: its providers, methods or "
+                         "backends, e.g. rank_cpu, rank, cpu)")
     ap.add_argument("--modes", default=None, help="comma-separated subset of forward,backward,full")
     ap.add_argument("--dtypes", default=None, help="e.g. float32,bfloat16 (default: fp32, and bf16 where native)")
     ap.add_argument("--shrink", type=int, default=1, help="divide B, N and K by this (a dry run of a large set)")
@@ -287,11 +293,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         setattr(args, name, [v.strip() for v in value.split(",") if v.strip()] if value else None)
     for op in args.ops or ():
-        if op not in cases.OPS:
-            ap.error(f"--ops: unknown op {op!r} (ops: {', '.join(cases.OPS)})")
+        if op not in ALL_OPS:
+            ap.error(f"--ops: unknown op {op!r} (ops: {', '.join(ALL_OPS)})")
     for p in args.providers or ():
-        if p not in cases.PROVIDERS:
-            ap.error(f"--providers: unknown provider {p!r} (providers: {', '.join(cases.PROVIDERS)})")
+        if p not in cases.PROVIDERS and p not in serve.NAMES:
+            ap.error(f"--providers: unknown provider {p!r} (providers: {', '.join(cases.PROVIDERS)}; serve: "
+                     f"{', '.join(serve.NAMES)})")
     return args
 
 
@@ -324,15 +331,20 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.stem or report.device_slug([runner.meta])
     latest = os.path.join(args.out, f"{stem}-latest.jsonl")
     runner.stream = open(latest, "w")
-    ops = args.ops or list(cases.OPS)
+    ops = args.ops or list(ALL_OPS)
     weights = [BUDGET_WEIGHTS[op] for op in ops]
     for i, op in enumerate(ops):
+        if op == "serve":
+            if args.time_budget:
+                runner.deadline = runner.started + args.time_budget * sum(weights[: i + 1]) / sum(weights)
+            serve.run(runner, shape_set)
+            continue
         shapes = [cases.shrink(s, args.shrink) if args.shrink > 1 else s for s in cases.SHAPE_SETS[shape_set][op]]
         runner.run_op(op, shapes, budget_share=sum(weights[: i + 1]) / sum(weights))
     if not args.no_headline:
         runner.ensure_headline()
     for d, why in dtype_skips.items():
-        for op in args.ops or cases.OPS:
+        for op in [o for o in args.ops or cases.OPS if o != "serve"]:  # serve runs float32 only
             runner.rows.append({"op": op, "provider": None, "mode": None, "dtype": d, "device": peaks.device,
                                 "status": "skipped", "reason": why, "torch": torch.__version__,
                                 "git": runner.meta["git"]})

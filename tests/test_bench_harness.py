@@ -2,6 +2,7 @@
 peers computing our function, the report and the README rewrite. Fast: no benchmark is run."""
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -190,3 +191,142 @@ def test_cli_rejects_unknown_names():
     args = bench_run.parse_args(["--providers", "torch,deepctr_torch", "--modes", "full"])
     assert args.providers == ["torch", "deepctr_torch"] and args.modes == ["full"]
     assert isinstance(args, argparse.Namespace)
+
+
+# ------------------------------------------------------------------------------------------------------------ serve
+
+
+def _serve_runner(tmp_path, monkeypatch, *argv):
+    from benchmarks import serve
+
+    monkeypatch.setattr(floor, "measure_peaks", lambda device, dtypes=(torch.float32,), min_run_time=1.0: floor.Peaks(
+        "Test CPU (1 threads)", {"float32": 2e10}, 5e9))  # the latency part's one-thread peaks, not measured
+    monkeypatch.setitem(serve.SETS, "tiny", {"U": 3, "C": 4, "T": 5, "D": 8, "vocab": 200, "latency_C": 4,
+                                             "latency_s": 0.01, "sweep_U": 2, "sweep_C": [1, 3]})
+    args = bench_run.parse_args(["--out", str(tmp_path), "--rounds", "1", "--min-run-time", "0.001",
+                                 "--max-run-time", "0.01", "--min-samples", "1", "--no-memory", *argv])
+    peaks = floor.Peaks(device="Test CPU (2 threads)", flops={"float32": 1e11}, bandwidth=1e10)
+    return bench_run.Runner(args, CPU, [torch.float32], peaks), serve
+
+
+def test_serve_section_rows(tmp_path, monkeypatch):
+    """The serve section at a tiny size: every part's rows and fields, the providers that run here, the reasons of
+    those that do not, the single thread of the latency part restored after, the tables and the sweep's plot."""
+    import din_kernels
+    from din_kernels import _extension
+
+    runner, serve = _serve_runner(tmp_path, monkeypatch)
+    threads = torch.get_num_threads()
+    rows = serve.run(runner, "tiny")
+    assert torch.get_num_threads() == threads
+    assert rows == report.ok_rows(runner.rows)
+    peer = importlib.util.find_spec("deepctr_torch") is not None
+    ours = ["torch", *(["cpu"] if _extension.loaded() else [])]
+    want = {
+        "attention": {*(f"query_offsets_{b}" for b in [*ours, "reference"]), *(f"repeated_{b}" for b in ours)},
+        "model": {*(f"rank_{b}" for b in ours), *(f"forward_repeated_{b}" for b in ours)},
+    }
+    for part in ("attention", "model"):
+        want[part] |= {cases.PEER} if peer else set()
+    want["latency"] = want["sweep"] = want["model"]
+    for part in serve.PARTS:
+        got = {r["provider"] for r in rows if r["part"] == part}
+        assert want[part] <= got, (part, want[part] - got)
+        assert got <= want[part] | {"package"}, (part, got - want[part])
+    for r in rows:
+        report.check_row(r)
+        assert r["op"] == "serve" and r["mode"] == "forward" and r["dtype"] == "float32" and r["status"] == "ok"
+        assert r["Nq"] == r["U"] * r["C"] and r["N"] == r["U"] * r["T"] and r["pairs"] == r["Nq"] * r["T"]
+        assert r["users_per_s"] == pytest.approx(r["U"] / (r["median_ms"] / 1e3))
+        assert r["candidates_per_s"] == pytest.approx(r["Nq"] / (r["median_ms"] / 1e3))
+        assert r["floor_ms"] > 0 and r["flops"] > 0 and r["method"] in report.SERVE_METHODS
+        assert r["peak_mem_mb"] is None  # --no-memory
+    assert {r["C"] for r in rows if r["part"] == "sweep"} == {1, 3}
+    assert {(r["U"], r["C"]) for r in rows if r["part"] == "latency"} == {(1, 4)}
+    for r in (r for r in rows if r["part"] == "latency"):
+        assert r["threads"] == 1 and r["p50_ms"] == r["median_ms"] and r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["samples"] >= serve.LATENCY_MIN and r["peak_rate_tflops"] == pytest.approx(0.02)
+    attention = next(r for r in rows if r["part"] == "attention")
+    cost = floor.serve_attention_cost(3, 12, 15, 60, 8, (80, 40), 4)
+    assert attention["floor_ms"] == pytest.approx(floor.floor_ms(cost, 1e11, 1e10))
+    # what cannot run is a row with its reason
+    skipped = {(r["part"], r["provider"]): r["reason"] for r in runner.rows if r.get("status") != "ok"}
+    for part in ("attention", "model"):
+        for b in ("triton", "cuda"):
+            name = f"query_offsets_{b}" if part == "attention" else f"rank_{b}"
+            assert skipped[(part, name)], (part, name)
+    if serve.package_reason() is not None:
+        assert "din_kernels.export" in skipped[("model", "package")] or "din_kernels.load" in skipped[
+            ("model", "package")]
+        assert not (callable(getattr(din_kernels, "export", None)) and callable(getattr(din_kernels, "load", None)))
+    if not peer:
+        assert "deepctr-torch" in skipped[("attention", cases.PEER)]
+    # the tables and the plot
+    md = report.markdown(runner.rows)
+    assert "### serve" in md and "| attention U=3 C=4 | query_offsets_torch |" in md and "p99 ms" in md
+    assert "| floor |" in md and "speed-up" in md or not peer
+    pytest.importorskip("matplotlib")
+    path = report.plot_serve_sweep(runner.rows, str(tmp_path / "sweep.png"))
+    assert path and os.path.getsize(path) > 0
+
+
+def test_serve_providers_filter_and_budget(tmp_path, monkeypatch):
+    from din_kernels import _extension
+
+    runner, serve = _serve_runner(tmp_path, monkeypatch, "--providers", "rank_torch,query_offsets")
+    runner.deadline = 0.0  # the time budget is spent: only the first part runs
+    runner.args.time_budget = 1.0
+    rows = serve.run(runner, "tiny")
+    assert {r["provider"] for r in rows} == {"query_offsets_torch", "query_offsets_reference",
+                                             *(["query_offsets_cpu"] if _extension.loaded() else [])}
+    assert {r["part"] for r in rows} == {"attention"}
+    spent = [r for r in runner.rows if r.get("provider") == "all"]
+    assert {r["part"] for r in spent} == {"model", "latency", "sweep"} and all("budget" in r["reason"] for r in spent)
+
+
+def test_serve_providers_compute_the_same_function():
+    """rank == forward on the repeated batch on every backend here; the query_offsets op == the op on the repeated
+    history == DeepCTR-Torch's layer on it (our weights copied); the peer DIN reads its lengths column."""
+    from benchmarks import serve
+    from din_kernels import _extension
+
+    s = {"U": 3, "C": 4, "T": 5, "D": 8, "vocab": 200}
+    ours = ["torch", *(["cpu"] if _extension.loaded() else [])]
+    att = serve.shape_of("attention", s)
+    outs = {b: cases.build("serve", f"{m}_{b}", att, torch.float32, CPU).setups["forward"]()()
+            for m in ("query_offsets", "repeated") for b in ours}
+    want = cases.build("serve", "query_offsets_reference", att, torch.float32, CPU).setups["forward"]()()
+    assert want.shape == (12, 8)
+    for got in outs.values():
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    model = serve.shape_of("model", s)
+    logits = [cases.build("serve", f"{m}_{b}", model, torch.float32, CPU).setups["forward"]()()
+              for m in ("rank", "forward_repeated") for b in ours]
+    assert logits[0].shape == (12,)
+    for got in logits[1:]:
+        torch.testing.assert_close(got, logits[0], rtol=1e-4, atol=1e-5)
+    cases.clear_cache()
+    if importlib.util.find_spec("deepctr_torch") is None:
+        return
+    peer = cases.build("serve", cases.PEER, att, torch.float32, CPU).setups["forward"]()()
+    torch.testing.assert_close(peer, want, rtol=1e-4, atol=1e-5)
+    shape = {"B": 3, "T": 5, "D": 8, "vocab": 200}
+    batch, _, n_cate = cases._din_batch(shape, CPU, 0)
+    peer_din = cases.peer_din_model(shape, n_cate, CPU)
+    X = cases.peer_din_input(peer_din, batch)
+    start, end = peer_din.feature_index["seq_length"]
+    assert torch.equal(X[:, start], batch["hist_len"].float())
+    start, end = peer_din.feature_index["hist_cate_id"]
+    assert torch.equal(X[:, start:end], batch["hist"][..., 1].float())
+    cases.clear_cache()
+
+
+def test_serve_cli():
+    args = bench_run.parse_args(["--ops", "serve,attention", "--providers", "rank_cpu,deepctr_torch,rank,cpu"])
+    assert args.ops == ["serve", "attention"]
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--providers", "rank_nope"])
+    # a name of the serve section leaves the other ops with the providers the list names of theirs
+    runner = _runner()
+    runner.args.providers = ["rank_cpu"]
+    assert runner.providers_for("attention", {"B": 2, "T": 2, "D": 2}, torch.float32) == []
