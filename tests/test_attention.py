@@ -215,3 +215,47 @@ def test_dice_running_stats_follow_batchnorm1d_over_valid_behaviours(backend):
         bn(m.layers[0](x).detach())
     torch.testing.assert_close(m.activations[0].running_mean, bn.running_mean)
     torch.testing.assert_close(m.activations[0].running_var, bn.running_var)
+
+
+def test_dice_layers_keep_their_own_momentum_and_reset():
+    """Each of TargetAttention's Dice layers updates its running statistics with its own momentum."""
+    torch.manual_seed(7)
+    m = dk.TargetAttention(4, hidden=(5, 3), activation="dice", backend="torch")
+    m.activations[0].momentum, m.activations[1].momentum = 0.5, 0.0
+    q, k, lengths = torch.randn(3, 4), torch.randn(3, 6, 4), torch.tensor([6, 2, 4])
+    m(q, k, lengths)
+    assert not torch.equal(m.activations[0].running_mean, torch.zeros(5))
+    assert torch.equal(m.activations[1].running_mean, torch.zeros(3))  # momentum 0: unchanged
+    assert torch.equal(m.activations[1].running_var, torch.ones(3))
+    m.activations[0].reset_running_stats()
+    assert torch.equal(m.activations[0].running_mean, torch.zeros(5))
+    assert torch.equal(m.activations[0].running_var, torch.ones(5))
+
+
+def test_dice_layers_that_the_fused_kernels_do_not_cover_are_refused():
+    m = dk.TargetAttention(4, hidden=(5, 3), activation="dice", backend="torch")
+    q, k, lengths = torch.randn(3, 4), torch.randn(3, 6, 4), torch.tensor([6, 2, 4])
+    m.activations[1].eps = 1e-5
+    with pytest.raises(ValueError, match=r"share one eps, got \[1e-08, 1e-05\]"):
+        m(q, k, lengths)
+    m.activations[1] = dk.Dice(3, affine=True)
+    with pytest.raises(ValueError, match="no affine variant"):
+        m(q, k, lengths)
+
+
+def test_torch_backward_off_the_cpu_reads_no_value_back():
+    """Off the CPU the torch backend's backward must not sync (no bool() of a device tensor): meta tensors, which
+    have no values, run it through."""
+    from din_kernels._config import MLP, AttentionConfig, AttentionSaved
+    from din_kernels.torch_impl import attention as impl
+
+    case = attention_case(B=3, T=4, D=5, hidden=(6, 4), seed=9)
+    meta = lambda t: t.float().to("meta")  # noqa: E731
+    mlp = MLP([meta(w) for w in case.weights], [meta(b) for b in case.biases], [], [], [])
+    cfg = AttentionConfig("sigmoid", "softmax", 1.0, False, 1e-8)
+    q, k, lengths = meta(case.query), meta(case.keys), case.lengths.to("meta")
+    empty = torch.empty(0, device="meta")
+    saved = AttentionSaved(torch.empty(3, 0, device="meta"), empty, torch.empty(0, 5, device="meta"), empty)
+    dq, dkeys, dw, db, da = impl.attention_bwd(meta(case.grad_out), meta(case.grad_scores), q, k, lengths, None, None,
+                                               mlp, saved, cfg)
+    assert dq.shape == (3, 5) and dkeys.shape == (3, 4, 5) and dq.device.type == "meta"
