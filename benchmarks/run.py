@@ -4,6 +4,7 @@
     python benchmarks/run.py --full          # adds the production sizes
     python benchmarks/run.py --device cuda   # the GPU set (benchmarks/gpu_check.sh)
     python benchmarks/run.py --ops attention --shapes quick --providers torch,deepctr_torch
+    python benchmarks/run.py --ops serve     # the serving section alone (benchmarks/serve.py)
 
 Providers: ``reference`` (eager), ``reference_compile``, the package's backends that
 :mod:`din_kernels.backend` says can run here (``torch``, ``cpu``, ``triton``, ``cuda``), and the peer
@@ -12,7 +13,8 @@ its median, p20 and p80 time, its peak memory and its floor (:mod:`benchmarks.fl
 start of the run). The rows go to ``benchmarks/results/<device>-<time>.jsonl`` (and ``<device>-latest.jsonl``), the
 tables to ``<device>-latest.md`` (also printed), the plots next to them. On the CPU the headline row is always
 measured: forward+backward of ``TargetAttention(128, hidden=(80, 40), activation="sigmoid")`` at B=1024, T=100,
-the torch backend against DeepCTR-Torch.
+the torch backend against DeepCTR-Torch. The ``serve`` section (:mod:`benchmarks.serve`) scores many candidates per
+user history: users/s, candidates/s, p50/p99 latency and the floor, and a sweep over the candidates per user.
 
 Ops are timed with the value checks of lengths/offsets switched off (``din_kernels.set_checks(False)``), as a
 production caller would run them.

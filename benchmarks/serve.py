@@ -46,14 +46,14 @@ DTYPE = torch.float32
 # U users x C candidates for the attention and model parts; the latency part is one user x latency_C candidates;
 # the sweep, sweep_U users x each of sweep_C. The default set fits the section in about 2 minutes on 2 shared cores.
 SETS = {
-    "quick": {"U": 2, "C": 6, "T": 12, "D": 16, "vocab": 1000, "latency_C": 6, "latency_s": 0.2, "sweep_U": 2,
-              "sweep_C": [1, 4, 16]},
-    "default": {"U": 16, "C": 200, "T": 100, "D": 128, "vocab": 100_000, "latency_C": 200, "latency_s": 1.5,
-                "sweep_U": 2, "sweep_C": [1, 10, 100, 200, 1000]},
-    "full": {"U": 64, "C": 200, "T": 100, "D": 128, "vocab": 100_000, "latency_C": 200, "latency_s": 4.0,
-             "sweep_U": 8, "sweep_C": [1, 10, 100, 200, 1000]},
-    "gpu": {"U": 256, "C": 200, "T": 100, "D": 128, "vocab": 100_000, "latency_C": 200, "latency_s": 2.0,
-            "sweep_U": 64, "sweep_C": [1, 10, 100, 200, 1000]},
+    "quick": {"U": 2, "C": 6, "T": 12, "D": 16, "vocab": 1000, "reference_U": 2, "latency_C": 6, "latency_s": 0.2,
+              "sweep_U": 2, "sweep_C": [1, 4, 16]},
+    "default": {"U": 16, "C": 200, "T": 100, "D": 128, "vocab": 100_000, "reference_U": 2, "latency_C": 200,
+                "latency_s": 1.0, "sweep_U": 2, "sweep_C": [1, 10, 100, 200, 1000]},
+    "full": {"U": 64, "C": 200, "T": 100, "D": 128, "vocab": 100_000, "reference_U": 8, "latency_C": 200,
+             "latency_s": 4.0, "sweep_U": 8, "sweep_C": [1, 10, 100, 200, 1000]},
+    "gpu": {"U": 256, "C": 200, "T": 100, "D": 128, "vocab": 100_000, "reference_U": 16, "latency_C": 200,
+            "latency_s": 2.0, "sweep_U": 64, "sweep_C": [1, 10, 100, 200, 1000]},
 }
 # the latency part: calls per provider at least and at most (latency_s seconds of calls in between)
 LATENCY_MIN, LATENCY_MAX = 10, 400
@@ -105,7 +105,8 @@ def settings(shape_set: str, shrink: int = 1) -> dict:
     ``shrink``."""
     s = dict(SETS[shape_set])
     if shrink > 1:
-        s["U"], s["sweep_U"] = max(s["U"] // shrink, 1), max(s["sweep_U"] // shrink, 1)
+        for key in ("U", "reference_U", "sweep_U"):
+            s[key] = max(s[key] // shrink, 1)
     return s
 
 
@@ -238,6 +239,8 @@ def build(name: str, shape: dict, dtype: torch.dtype, device: torch.device, seed
         run, keep = _attention_call(p, shape, device, seed)
     else:
         run, keep = _model_call(p, shape, device, seed)
+        if p.method == "package":
+            info["export_s"] = keep[-1]
     return cases.Workload({"forward": lambda: run}, info=info, keep=keep)
 
 
@@ -261,36 +264,56 @@ def _attention_call(p: Provider, shape: dict, device: torch.device, seed: int):
     return _inference(lambda: module(query, keys[user], lengths[user])), [module]
 
 
+_MODELS: dict = {}
+
+
+def _model(backend: str | None, shape: dict, n_cate: int, device: torch.device, seed: int):
+    """Our DIN on ``backend`` (the peer's for None) in eval mode, built once per size and seed within a run of the
+    section (the same weights as a fresh build: the seed is set before each)."""
+    key = (backend, shape["T"], shape["D"], shape["vocab"], str(device), seed)
+    if key not in _MODELS:
+        torch.manual_seed(seed)
+        model = (cases.peer_din_model(shape, n_cate, device) if backend is None
+                 else cases.din_model(shape, n_cate, backend, device))
+        _MODELS[key] = model.eval()
+    return _MODELS[key]
+
+
 def _model_call(p: Provider, shape: dict, device: torch.device, seed: int):
     batch, candidates, candidate_offsets, user, n_cate = _model_inputs(shape, device, seed)
-    torch.manual_seed(seed)
     if p.method == cases.PEER:
-        model = cases.peer_din_model(shape, n_cate, device).eval()
+        model = _model(None, shape, n_cate, device, seed)
         return _inference(lambda: model(cases.peer_din_input(model, repeated_batch(batch, candidates, user)))
                           .squeeze(-1)), [model]
     backend = _package_backend(device) if p.method == "package" else p.backend
-    model = cases.din_model(shape, n_cate, backend, device).eval()
+    model = _model(backend, shape, n_cate, device, seed)
     if p.method == "rank":
         return _inference(lambda: model.rank(batch, candidates, candidate_offsets)), [model]
     if p.method == "forward_repeated":
         return _inference(lambda: model(repeated_batch(batch, candidates, user))), [model]
-    package = _package(model, (batch, candidates, candidate_offsets), shape, device)
-    return _inference(lambda: package(batch, candidates, candidate_offsets)), [model, package]
+    package, seconds = _package(model, batch, candidates, shape, device, seed)
+    return _inference(lambda: package(batch, candidates, candidate_offsets)), [model, package, seconds]
 
 
 _PACKAGES: dict = {}
 
 
-def _package(model, example: tuple, shape: dict, device: torch.device):
-    """``din_kernels.load(din_kernels.export(model, example, path))``, once per model size and process."""
+def _package(model, batch: dict, candidates: torch.Tensor, shape: dict, device: torch.device, seed: int):
+    """``(din_kernels.load of din_kernels.export(model, ...), seconds the export and load took)``: sizes are dynamic,
+    so one export per model and process, on an example of 2 users x 2 candidates (the first users of ``batch``, its
+    first candidate)."""
     import din_kernels
 
-    key = (shape["T"], shape["D"], shape["vocab"], str(device))
+    key = (shape["T"], shape["D"], shape["vocab"], str(device), seed)
     if key not in _PACKAGES:
+        users = torch.tensor([0, min(1, batch["hist"].shape[0] - 1)], device=device)
+        example = {k: v[users] for k, v in batch.items()}
         folder = tempfile.mkdtemp(prefix="din-serve-")
         path = os.path.join(folder, "rank.pt2")
-        din_kernels.export(model, example, path)
-        _PACKAGES[key] = din_kernels.load(path)
+        start = time.perf_counter()
+        din_kernels.export(model, example, path, candidates=candidates[:1].repeat(4, 1),
+                           candidate_offsets=torch.tensor([0, 2, 4], device=device))
+        _PACKAGES[key] = (din_kernels.load(path), time.perf_counter() - start)
     return _PACKAGES[key]
 
 
@@ -340,11 +363,14 @@ def _add(runner, p: Provider, shape: dict, timing: measure.Timing, info: dict, p
     return row
 
 
-def _providers(runner, part: str, shape: dict) -> list[Provider]:
+def _providers(runner, part: str, shape: dict, select=None) -> list[Provider]:
+    """The part's providers that run here (and ``select(provider)`` keeps); the others recorded with their reason."""
     ok, skipped = available(part, runner.device, runner.args.providers, shape)
+    keep = select or (lambda p: True)
     for name, reason in skipped.items():
-        runner.skip("serve", name, shape, DTYPE, reason, mode="forward")
-    return ok
+        if keep(provider(part, name)):
+            runner.skip("serve", name, shape, DTYPE, reason, mode="forward")
+    return [p for p in ok if keep(p)]
 
 
 def _build_all(runner, providers: list[Provider], shape: dict) -> dict:
@@ -370,14 +396,14 @@ def _time(runner, workloads: dict, scale: float = 1.0) -> dict:
                 out[p] = e
         return out
     timed = measure.time_interleaved({p: wl.setups["forward"] for p, wl in workloads.items()},
-                                     rounds=args.rounds if scale >= 1 else 1,
+                                     rounds=min(args.rounds, 2) if scale >= 1 else 1,
                                      min_run_time=args.min_run_time * scale, min_samples=args.min_samples,
                                      max_run_time=args.max_run_time * scale)
     return timed
 
 
-def _throughput(runner, part: str, shape: dict, scale: float = 1.0) -> list[dict]:
-    providers = _providers(runner, part, shape)
+def _throughput(runner, part: str, shape: dict, scale: float = 1.0, select=None) -> list[dict]:
+    providers = _providers(runner, part, shape, select)
     workloads = _build_all(runner, providers, shape)
     rows = []
     for p, res in _time(runner, workloads, scale).items():
@@ -480,18 +506,29 @@ def run(runner, shape_set: str) -> list[dict]:
     print(f"[serve] T={s['T']} D={s['D']}, attention {tuple(ATT_HIDDEN)} {ACTIVATION}, MLP {tuple(MLP_HIDDEN)}",
           flush=True)
     rows: list[dict] = []
-    plan = [("attention", lambda: _throughput(runner, "attention", shape_of("attention", s))),
-            ("model", lambda: _throughput(runner, "model", shape_of("model", s))),
-            ("latency", lambda: _latency(runner, shape_of("latency", s, U=1, C=s["latency_C"]), s["latency_s"]))]
+    ref = (lambda p: p.backend == "reference") if s["reference_U"] != s["U"] else None
+    plan = [("attention", lambda: _throughput(runner, "attention", shape_of("attention", s),
+                                              select=(lambda p: not ref(p)) if ref else None))]
+    if ref:  # the reference repeats each history literally: measured on fewer users
+        plan.append(("attention", lambda: _throughput(runner, "attention",
+                                                      shape_of("attention", s, U=s["reference_U"]), select=ref)))
+    plan += [("model", lambda: _throughput(runner, "model", shape_of("model", s))),
+             ("latency", lambda: _latency(runner, shape_of("latency", s, U=1, C=s["latency_C"]), s["latency_s"]))]
     plan += [("sweep", lambda c=c: _throughput(runner, "sweep", shape_of("sweep", s, U=s["sweep_U"], C=c), 0.5))
              for c in s["sweep_C"]]
-    for i, (part, fn) in enumerate(plan):
-        if i and runner.out_of_time():
-            runner.skip("serve", "all", {"part": part}, DTYPE,
-                        f"the run's time budget ({runner.args.time_budget:.0f} s, serve's share of it) was spent "
-                        "before this part", mode="forward")
-            continue
-        rows += fn()
+    try:
+        for i, (part, fn) in enumerate(plan):
+            if i and runner.out_of_time():
+                runner.skip("serve", "all", {"part": part}, DTYPE,
+                            f"the run's time budget ({runner.args.time_budget:.0f} s, serve's share of it) was spent "
+                            "before this part", mode="forward")
+                continue
+            start = time.perf_counter()
+            rows += fn()
+            print(f"  serve {part}: {time.perf_counter() - start:.1f} s", flush=True)
+    finally:
+        _MODELS.clear()
+        _PACKAGES.clear()
     if runner.device.type == "cpu" and not runner.args.no_memory:
         _memory(runner, [r for r in rows if r["part"] in ("attention", "model")])
     return rows

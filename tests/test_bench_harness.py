@@ -199,10 +199,12 @@ def test_cli_rejects_unknown_names():
 def _serve_runner(tmp_path, monkeypatch, *argv):
     from benchmarks import serve
 
+    # the package's export compiles for tens of seconds: test_serve_package covers it
+    monkeypatch.setattr(serve, "package_reason", lambda: "left to test_serve_package")
     monkeypatch.setattr(floor, "measure_peaks", lambda device, dtypes=(torch.float32,), min_run_time=1.0: floor.Peaks(
         "Test CPU (1 threads)", {"float32": 2e10}, 5e9))  # the latency part's one-thread peaks, not measured
-    monkeypatch.setitem(serve.SETS, "tiny", {"U": 3, "C": 4, "T": 5, "D": 8, "vocab": 200, "latency_C": 4,
-                                             "latency_s": 0.01, "sweep_U": 2, "sweep_C": [1, 3]})
+    monkeypatch.setitem(serve.SETS, "tiny", {"U": 3, "C": 4, "T": 5, "D": 8, "vocab": 200, "reference_U": 2,
+                                             "latency_C": 4, "latency_s": 0.01, "sweep_U": 2, "sweep_C": [1, 3]})
     args = bench_run.parse_args(["--out", str(tmp_path), "--rounds", "1", "--min-run-time", "0.001",
                                  "--max-run-time", "0.01", "--min-samples", "1", "--no-memory", *argv])
     peaks = floor.Peaks(device="Test CPU (2 threads)", flops={"float32": 1e11}, bandwidth=1e10)
@@ -246,7 +248,8 @@ def test_serve_section_rows(tmp_path, monkeypatch):
     for r in (r for r in rows if r["part"] == "latency"):
         assert r["threads"] == 1 and r["p50_ms"] == r["median_ms"] and r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["samples"] >= serve.LATENCY_MIN and r["peak_rate_tflops"] == pytest.approx(0.02)
-    attention = next(r for r in rows if r["part"] == "attention")
+    attention = next(r for r in rows if r["part"] == "attention" and r["U"] == 3)
+    assert {r["U"] for r in rows if r["part"] == "attention" and r["backend"] == "reference"} == {2}  # fewer users
     cost = floor.serve_attention_cost(3, 12, 15, 60, 8, (80, 40), 4)
     assert attention["floor_ms"] == pytest.approx(floor.floor_ms(cost, 1e11, 1e10))
     # what cannot run is a row with its reason
@@ -255,10 +258,10 @@ def test_serve_section_rows(tmp_path, monkeypatch):
         for b in ("triton", "cuda"):
             name = f"query_offsets_{b}" if part == "attention" else f"rank_{b}"
             assert skipped[(part, name)], (part, name)
-    if serve.package_reason() is not None:
-        assert "din_kernels.export" in skipped[("model", "package")] or "din_kernels.load" in skipped[
-            ("model", "package")]
-        assert not (callable(getattr(din_kernels, "export", None)) and callable(getattr(din_kernels, "load", None)))
+    assert skipped[("model", "package")] == "left to test_serve_package"
+    monkeypatch.undo()
+    if not (callable(getattr(din_kernels, "export", None)) and callable(getattr(din_kernels, "load", None))):
+        assert "not in this version of the package" in serve.package_reason()
     if not peer:
         assert "deepctr-torch" in skipped[("attention", cases.PEER)]
     # the tables and the plot
@@ -277,11 +280,13 @@ def test_serve_providers_filter_and_budget(tmp_path, monkeypatch):
     runner.deadline = 0.0  # the time budget is spent: only the first part runs
     runner.args.time_budget = 1.0
     rows = serve.run(runner, "tiny")
-    assert {r["provider"] for r in rows} == {"query_offsets_torch", "query_offsets_reference",
-                                             *(["query_offsets_cpu"] if _extension.loaded() else [])}
+    assert {r["provider"] for r in rows} == {"query_offsets_torch", *(["query_offsets_cpu"] if _extension.loaded()
+                                                                      else [])}
     assert {r["part"] for r in rows} == {"attention"}
     spent = [r for r in runner.rows if r.get("provider") == "all"]
-    assert {r["part"] for r in spent} == {"model", "latency", "sweep"} and all("budget" in r["reason"] for r in spent)
+    # the reference's case of fewer users, the model, the latency, the sweep's points
+    assert [r["part"] for r in spent] == ["attention", "model", "latency", "sweep", "sweep"]
+    assert all("budget" in r["reason"] for r in spent)
 
 
 def test_serve_providers_compute_the_same_function():
@@ -330,3 +335,22 @@ def test_serve_cli():
     runner = _runner()
     runner.args.providers = ["rank_cpu"]
     assert runner.providers_for("attention", {"B": 2, "T": 2, "D": 2}, torch.float32) == []
+
+
+@pytest.mark.slow
+def test_serve_package():
+    """The exported package's provider (where din_kernels.export/load exist): rank's logits."""
+    from benchmarks import serve
+
+    reason = serve.package_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    shape = serve.shape_of("model", {"U": 3, "C": 4, "T": 5, "D": 8, "vocab": 200})
+    wl = cases.build("serve", "package", shape, torch.float32, CPU)
+    backend = serve._package_backend(CPU)
+    want = cases.build("serve", f"rank_{backend}", shape, torch.float32, CPU).setups["forward"]()()
+    torch.testing.assert_close(wl.setups["forward"]()(), want, rtol=1e-4, atol=1e-5)
+    assert wl.info["export_s"] > 0
+    serve._MODELS.clear()
+    serve._PACKAGES.clear()
+    cases.clear_cache()
