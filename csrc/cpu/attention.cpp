@@ -341,6 +341,7 @@ struct Scratch {
   std::vector<std::vector<acc_t>> Z, Hh;  // [rows, H_i] pre-activations and activations
   std::vector<acc_t> s, w, ds, dH, dZ, dZT, G, GT, kc, M, MT, dM, dk, g;
   std::vector<c10::BFloat16> k16, Bv;  // bfloat16 keys [rows, D rounded up to even] and M_b^T in VNNI pairs
+  std::vector<c10::BFloat16> a16, b16;  // the backward's bfloat16 operands: A rows, B in VNNI pairs
   std::vector<int64_t> row0;              // chunk row of each sample of the chunk
 
   Scratch(const Layout& lay, const Mlp<acc_t>& m, bool backward, bool bf16_keys) {
@@ -357,6 +358,11 @@ struct Scratch {
     if (bf16_keys) {
       k16.assign(R * bf16::padded_depth(m.D), c10::BFloat16(0.0f));
       Bv.assign(bf16::padded_depth(m.D) * bf16::padded_cols(m.H1), c10::BFloat16(0.0f));
+      if (backward) {  // dK = G_b @ M_b ([L, H1] x [H1, D]) and dM_b = G_b^T @ K_b ([H1, L] x [L, D])
+        const int64_t Lp = bf16::padded_depth(std::max<int64_t>(lay.max_len, 1)), H1p = bf16::padded_depth(m.H1);
+        a16.assign(std::max(std::max<int64_t>(lay.max_len, 1) * H1p, m.H1 * Lp), c10::BFloat16(0.0f));
+        b16.assign(std::max(H1p, Lp) * bf16::padded_cols(m.D), c10::BFloat16(0.0f));
+      }
     }
 #endif
     if (backward) {
@@ -649,6 +655,39 @@ struct Backward {
   acc_t* dq;              // [B, D]
   acc_t* dc;              // [B, H1]
 
+  // bfloat16 keys on AVX512-BF16: the first layer's two backward products of one sample (L rows) with bfloat16
+  // operands (G_b, M_b and K_b rounded to bfloat16, float32 accumulation) into ws.dk [L, D] and ws.dM [H1, D];
+  // false where not available (then the float32 GEMMs run)
+  bool first_layer_bf16(int64_t L, const acc_t* Gb, const acc_t* kb, Scratch<acc_t>& ws) const {
+#ifdef DIN_HAS_BF16_DOT
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      const int64_t D = pb.m.D, H1 = pb.m.H1, H1p = bf16::padded_depth(H1), Lp = bf16::padded_depth(L);
+      const int64_t Dn = bf16::padded_cols(D);
+      c10::BFloat16 *A = ws.a16.data(), *Bp = ws.b16.data();
+      for (int64_t t = 0; t < L; ++t) {  // dK = G_b @ M_b
+        convert(Gb + t * H1, A + t * H1p, H1);
+        if (H1p > H1) A[t * H1p + H1] = c10::BFloat16(0.0f);
+      }
+      for (int64_t h = 0; h < H1; h += 2)
+        bf16::pack_pair(ws.M.data() + h * D, h + 1 < H1 ? ws.M.data() + (h + 1) * D : nullptr, h, D, Dn, Bp);
+      bf16::gemm(L, D, H1p, A, H1p, Bp, false, ws.dk.data(), D);
+      for (int64_t h = 0; h < H1; ++h) {  // dM_b = G_b^T @ K_b, G_b^T from ws.GT [H1, L]
+        convert(ws.GT.data() + h * L, A + h * Lp, L);
+        if (Lp > L) A[h * Lp + L] = c10::BFloat16(0.0f);
+      }
+      for (int64_t t = 0; t < L; t += 2)
+        bf16::pack_pair(kb + t * D, t + 1 < L ? kb + (t + 1) * D : nullptr, t, D, Dn, Bp);
+      bf16::gemm(H1, D, Lp, A, Lp, Bp, false, ws.dM.data(), D);
+      return true;
+    }
+#endif
+    (void)L;
+    (void)Gb;
+    (void)kb;
+    (void)ws;
+    return false;
+  }
+
   // One chunk. stop >= 0: only accumulate layer `stop`'s Dice sums (sum g, sum g u) into part.sg/sgu; stop < 0:
   // every gradient.
   void chunk(const Chunk& c, Scratch<acc_t>& ws, std::vector<const acc_t*>& kp, Partials<acc_t>& part,
@@ -739,15 +778,17 @@ struct Backward {
       const acc_t *Gb = ws.G.data() + r0 * H1, *kb = kp[b - c.b0], *w = ws.w.data() + r0, *qb = qall + b * D;
       // d keys = G_b @ M_b + w grad_out_b, in L1, then stored
       acc_t* dk = ws.dk.data();
-      gemm_nn(L, D, H1, Gb, H1, ws.M.data(), D, false, dk, D);
+      transpose(Gb, L, H1, H1, ws.GT.data(), L);
+      if (!first_layer_bf16(L, Gb, kb, ws)) {
+        gemm_nn(L, D, H1, Gb, H1, ws.M.data(), D, false, dk, D);
+        gemm_nn(H1, D, L, ws.GT.data(), L, kb, D, false, ws.dM.data(), D);
+      }
       if (go)
         for (int64_t t = 0; t < L; ++t) axpy<acc_t>(w[t], go + b * D, dk + t * D, D);
       if (dkeys_acc)  // several candidates per history: their gradients add up in the user's rows
         add_to<acc_t>(dk, dkeys_acc + lay.start[b] * D, L * D);
       else
         convert(dk, dkeys + lay.start[b] * D, L * D);
-      transpose(Gb, L, H1, H1, ws.GT.data(), L);
-      gemm_nn(H1, D, L, ws.GT.data(), L, kb, D, false, ws.dM.data(), D);
       acc_t* dqb = dq + b * D;
       for (int64_t h = 0; h < H1; ++h)  // d(Wk - Wd) += dM_b, dWp += dM_b * q_b, dq_b += sum_h dM_b * Wp
         first_layer_grads_row<acc_t>(ws.dM.data() + h * D, qb, Wp + h * D, part.dA.data() + h * D,
