@@ -81,14 +81,25 @@ def _cpu_flags() -> tuple[list[str], str]:
     return flags + ["-DCPU_CAPABILITY=DEFAULT"], "DEFAULT"
 
 
-def _cuda_include_dirs() -> list[str]:
-    """The ``nvidia/cu13/include`` folders of the installed CUDA wheels (torch's CUDA 13 builds keep headers there)."""
+def _cuda_include_dirs(torch) -> list[str]:
+    """The ``nvidia/cu13/include`` folders of the installed CUDA wheels (torch's CUDA 13 builds keep the headers of
+    cuBLAS, cuSPARSE, ... there, next to torch itself)."""
     import site
 
+    bases = [os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))]
+    bases += site.getsitepackages() + [site.getusersitepackages()]
     dirs = []
-    for base in site.getsitepackages() + [site.getusersitepackages()]:
-        dirs += glob.glob(os.path.join(base, "nvidia", "cu13", "include"))
+    for base in bases:
+        for d in glob.glob(os.path.join(base, "nvidia", "cu13", "include")):
+            if d not in dirs:
+                dirs.append(d)
     return dirs
+
+
+def _cxx_std(torch) -> str:
+    """The C++ standard of the build: C++20 from torch 2.14 on (its headers require it), else C++17."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
 def _extension_modules():
@@ -107,7 +118,7 @@ def _extension_modules():
     _write_schema_header(capability)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx = ["-O3", "-fopenmp", "-std=c++17", *cpu_flags]
+    cxx = ["-O3", "-fopenmp", _cxx_std(torch), *cpu_flags]
     include_dirs = [CSRC]
     use_cuda = False
     if cuda_sources and not _env_on("DIN_KERNELS_SKIP_CUDA_BUILD"):
@@ -124,10 +135,10 @@ def _extension_modules():
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-        kwargs["include_dirs"] = include_dirs + _cuda_include_dirs()
+        kwargs["include_dirs"] = include_dirs + _cuda_include_dirs(torch)
         ext = CUDAExtension("din_kernels._C", sources + cuda_sources,
                             extra_compile_args={"cxx": cxx + ["-DDIN_WITH_CUDA"],
-                                                "nvcc": ["-O3", "-lineinfo", "-std=c++17", "-DDIN_WITH_CUDA",
+                                                "nvcc": ["-O3", "-lineinfo", _cxx_std(torch), "-DDIN_WITH_CUDA",
                                                          "--expt-relaxed-constexpr"]},
                             **kwargs)
     else:

@@ -10,6 +10,8 @@ import importlib
 
 import torch
 
+from . import _cuda_plan
+
 _error: str | None = None
 try:
     importlib.import_module("din_kernels._C")
@@ -43,21 +45,41 @@ def unavailable_reason(device_type: str) -> str | None:
     return None
 
 
-# what the compiled attention kernels cover (csrc/cpu/attention.cpp; the same limits for csrc/cuda)
+# what the compiled attention kernels cover (csrc/cpu/attention.cpp; the same limits for csrc/cuda, which also
+# bounds D and leaves out float64)
 MAX_HIDDEN_LAYERS = 3
 MAX_WIDTH = 256
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+CUDA_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supports_dtype(name: str, dtype: torch.dtype) -> bool:
     return dtype in DTYPES
 
 
+def _check_cuda_attention(query: torch.Tensor, keys: torch.Tensor, mlp) -> None:
+    for arg, tensors in (("weights", mlp.weights), ("biases", mlp.biases), ("act_weights", mlp.act_weights)):
+        for i, t in enumerate(tensors):
+            if t.dtype not in CUDA_ATTENTION_DTYPES:
+                raise TypeError(f"backend 'cuda' supports {[str(d) for d in CUDA_ATTENTION_DTYPES]} for {arg}[{i}], "
+                                f"got {t.dtype}; use backend='torch' for float64")
+    D, widths = int(query.shape[-1]), tuple(mlp.widths)
+    if D > MAX_WIDTH:
+        raise ValueError(f"backend 'cuda' supports D up to {MAX_WIDTH}, got D = {D}; use backend='torch'")
+    f32 = keys.dtype == torch.float32
+    need = max(_cuda_plan.cuda_attention_smem(D, widths, f32, kind) for kind in _cuda_plan.CUDA_LAUNCHES)
+    if need > _cuda_plan.CUDA_SMEM_PER_BLOCK:
+        raise ValueError(f"backend 'cuda': D = {D} with hidden widths {widths} in {keys.dtype} needs {need} bytes of "
+                         f"shared memory per block, more than an sm_90 GPU's {_cuda_plan.CUDA_SMEM_PER_BLOCK}; use "
+                         "backend='torch' (or 'triton')")
+
+
 def check_attention(name: str, query: torch.Tensor, keys: torch.Tensor, mlp) -> None:
     """Raises ``TypeError``/``ValueError`` for what the compiled attention kernels of backend ``name`` do not cover."""
+    dtypes = CUDA_ATTENTION_DTYPES if name == "cuda" else DTYPES
     for arg, t in (("query", query), ("keys", keys)):
-        if t.dtype not in DTYPES:
-            raise TypeError(f"backend {name!r} supports {[str(d) for d in DTYPES]} for {arg}, got {t.dtype}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"backend {name!r} supports {[str(d) for d in dtypes]} for {arg}, got {t.dtype}")
     widths = mlp.widths
     if not 1 <= len(widths) <= MAX_HIDDEN_LAYERS:
         raise ValueError(f"backend {name!r} supports 1 to {MAX_HIDDEN_LAYERS} hidden layers, got {len(widths)} "
@@ -65,6 +87,8 @@ def check_attention(name: str, query: torch.Tensor, keys: torch.Tensor, mlp) -> 
     if max(widths) > MAX_WIDTH:
         raise ValueError(f"backend {name!r} supports hidden widths up to {MAX_WIDTH}, got {tuple(widths)}; use "
                          "backend='torch' for wider layers")
+    if name == "cuda":
+        _check_cuda_attention(query, keys, mlp)
 
 
 def supports_attention(name: str, query: torch.Tensor, keys: torch.Tensor, mlp) -> bool:

@@ -52,6 +52,45 @@ DIN_HD T dice_backward(T dy, T x, T alpha, T p, T r, T* g, T* dalpha_part) {
   return dy * (alpha + (T(1) - alpha) * p) + r * gp;
 }
 
+// Dice's normalised input u = (x - mean) * r
+template <typename T>
+DIN_HD T dice_u(T x, T mean, T r) {
+  return (x - mean) * r;
+}
+
+// The Dice backward at one element with the affine gate p = sigmoid(weight * u + bias) (weight = 1 without affine;
+// the caller computes p), statistics held fixed: returns dL/dx and writes
+//   gp = dy * x * (1 - alpha) * p * (1 - p)   (dL/d(weight * u + bias): d bias's part; gp * u is d weight's part)
+//   g = gp * weight                           (dL/du)
+//   dalpha_part = dy * x * (1 - p)
+// dice_backward is this function with weight = 1 (then g = gp).
+template <typename T>
+DIN_HD T dice_backward_affine(T dy, T x, T alpha, T p, T r, T weight, T* gp, T* g, T* dalpha_part) {
+  T d = dy * x * (T(1) - alpha) * p * (T(1) - p);
+  *gp = d;
+  *g = d * weight;
+  *dalpha_part = dy * x * (T(1) - p);
+  return dy * (alpha + (T(1) - alpha) * p) + r * (d * weight);
+}
+
+// Dice's term through the batch statistics at a position they were taken over (training), to subtract from dL/dx:
+//   r / Nv * (sum_g + u * sum_gu)   with the batch sums of g and g * u over every position, inv_count = 1 / Nv
+template <typename T>
+DIN_HD T dice_stats_term(T u, T r, T sum_g, T sum_gu, T inv_count) {
+  return r * inv_count * (sum_g + u * sum_gu);
+}
+
+// One channel's running statistics update from a batch's (mean, biased variance, count), like nn.BatchNorm1d
+// (the unbiased variance var * n / max(n - 1, 1)). A channel without positions, or with non-finite statistics, keeps
+// its values: returns false and leaves rm, rv unchanged.
+DIN_HD bool running_update(double* rm, double* rv, double mean, double var, double n, double momentum) {
+  const double unbiased = var * n / (n - 1.0 > 1.0 ? n - 1.0 : 1.0);
+  if (!(n > 0) || !std::isfinite(mean) || !std::isfinite(unbiased)) return false;
+  *rm = (1 - momentum) * *rm + momentum * mean;
+  *rv = (1 - momentum) * *rv + momentum * unbiased;
+  return true;
+}
+
 // One hidden activation forward. a: the PReLU weight or the Dice alpha; mean, r: Dice's statistics.
 template <typename T>
 DIN_HD T activation_forward(int act, T z, T a, T mean, T r) {

@@ -13,10 +13,12 @@ Every backend has the same five ops, with the schemas of :mod:`din_kernels.ops.s
         float lam, int? padding_idx) -> Tensor                        # [K, D]
     din_kernels::mba_embedding_bwd_sparse_<backend>(<the same>) -> (Tensor indices, Tensor values)  # [M], [M, D]
 
-for ``reference``, ``torch`` and ``triton``. No output's shape depends on the values of ``ids`` (the sparse gradient
-has one entry per lookup, zero where a lookup is not the row's owner), so ``torch.compile(fullgraph=True)`` traces
-them. Every op reads only rows ``0 <= id < K``: ids outside the table (possible only with the checks off) are skipped.
-The compiled C++ kernels do not cover MBA: its cost is a sort and a gather-scatter of the batch's rows, which the
+for ``reference``, ``torch`` and ``triton``, and ``din_kernels::<op>`` (no suffix) for the compiled extension's
+``cuda`` kernels (csrc/cuda/mba.cu: one sort of the step's ids, then one warp per distinct id sums its output-gradient
+rows and adds the MBA term, fused). No output's shape depends on the values of ``ids`` (the sparse gradient has one
+entry per lookup, zero where a lookup is not the row's owner), so ``torch.compile(fullgraph=True)`` traces them. Every
+op reads only rows ``0 <= id < K``: ids outside the table (possible only with the checks off) are skipped. The
+compiled C++ CPU kernels do not cover MBA: its cost is a sort and a gather-scatter of the batch's rows, which the
 ``torch`` backend already runs in ATen's kernels (benchmarks/results: make bench's ``mba`` rows).
 """
 
@@ -28,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _extension
 from .. import backend as _backend
 from .._validate import check_device, check_float, check_index
 from ..reference.mba import mba_l2_ref
 from . import _define
 
-SUPPORTED = ("reference", "torch", "triton")
+SUPPORTED = ("reference", "torch", "triton", "cuda")
 
 
 def _acc_dtype(weight: Tensor) -> torch.dtype:
@@ -192,14 +195,34 @@ def _triton_bwd_sparse(grad_out, ids, weight, counts, lam, padding_idx):
                                            padding_idx)
 
 
+# a family's ops: key -> (op name, fake kernel)
+_FAKES = {"l2_dense": ("mba_l2_dense", _fake_penalty), "penalty": ("mba_penalty", _fake_penalty),
+          "embedding": ("mba_embedding", _fake_embedding), "bwd_dense": ("mba_embedding_bwd_dense", _fake_bwd_dense),
+          "bwd_sparse": ("mba_embedding_bwd_sparse", _fake_bwd_sparse)}
+
+
 def _define_family(backend: str, l2_dense, penalty, bwd_dense, bwd_sparse) -> dict:
-    fam = {
-        "l2_dense": _define.define("mba_l2_dense", backend, l2_dense, _fake_penalty),
-        "penalty": _define.define("mba_penalty", backend, penalty, _fake_penalty),
-        "embedding": _define.define("mba_embedding", backend, _lookup, _fake_embedding),
-        "bwd_dense": _define.define("mba_embedding_bwd_dense", backend, bwd_dense, _fake_bwd_dense),
-        "bwd_sparse": _define.define("mba_embedding_bwd_sparse", backend, bwd_sparse, _fake_bwd_sparse),
-    }
+    fns = {"l2_dense": l2_dense, "penalty": penalty, "embedding": _lookup, "bwd_dense": bwd_dense,
+           "bwd_sparse": bwd_sparse}
+    fam = {key: _define.define(op, backend, fns[key], fake) for key, (op, fake) in _FAKES.items()}
+    backward, setup_context = _embedding_autograd(fam)
+    fam["embedding"].register_autograd(backward, setup_context=setup_context)
+    return fam
+
+
+def _compiled_family() -> dict | None:
+    """The compiled extension's MBA ops (``din_kernels::mba_*``, CUDA kernels), with their fake kernels and the
+    embedding's autograd; None when the extension is not loaded or was built without them."""
+    if not _extension.loaded() or not hasattr(torch.ops.din_kernels, "mba_embedding"):
+        return None
+    fam = {key: _define.compiled(op, fake) for key, (op, fake) in _FAKES.items()}
+    backward, setup_context = _embedding_autograd(fam)
+    torch.library.register_autograd("din_kernels::mba_embedding", backward, setup_context=setup_context)
+    return fam
+
+
+def _embedding_autograd(fam: dict) -> tuple:
+    """``(backward, setup_context)`` of a family's ``mba_embedding``: the table's gradient from its backward ops."""
 
     def setup_context(ctx, inputs, output):
         weight, ids, counts, lam, padding_idx, sparse = inputs
@@ -216,8 +239,7 @@ def _define_family(backend: str, l2_dense, penalty, bwd_dense, bwd_sparse) -> di
             grad = fam["bwd_dense"](grad_out, ids, weight, counts, ctx.lam, ctx.padding_idx)
         return grad, None, None, None, None, None
 
-    fam["embedding"].register_autograd(backward, setup_context=setup_context)
-    return fam
+    return backward, setup_context
 
 
 _OPS: dict[str, dict] = {
@@ -228,6 +250,9 @@ _OPS: dict[str, dict] = {
 if importlib.util.find_spec("triton") is not None:
     _OPS["triton"] = _define_family("triton", _triton_l2_dense, _triton_penalty, _triton_bwd_dense,
                                     _triton_bwd_sparse)
+_compiled = _compiled_family()
+if _compiled is not None:
+    _OPS["cuda"] = _compiled
 
 
 def ops(backend: str) -> dict:

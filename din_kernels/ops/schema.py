@@ -114,5 +114,7 @@ SCHEMAS = {
     "mba_embedding_bwd_sparse": MBA_EMBEDDING_BWD_SPARSE,
 }
 
-# the ops of the compiled extension (csrc/register.cpp defines these; its CPU and CUDA kernels implement them)
-COMPILED = ("target_attention_fwd", "target_attention_bwd", "dice_fwd", "dice_bwd", "dice_update_running")
+# the ops of the compiled extension (csrc/register.cpp defines these; its CPU and CUDA kernels implement them; the
+# MBA ops have CUDA kernels only)
+COMPILED = ("target_attention_fwd", "target_attention_bwd", "dice_fwd", "dice_bwd", "dice_update_running",
+            "mba_l2_dense", "mba_penalty", "mba_embedding", "mba_embedding_bwd_dense", "mba_embedding_bwd_sparse")
