@@ -2,14 +2,19 @@
 # One check of din_kernels on a GPU machine without a package registry (python3 there has torch and triton):
 #   1. install the package in place, no dependencies; the compiled extension builds when csrc/ exists and the
 #      machine can build it, else a pure-Python install (DIN_KERNELS_SKIP_CUDA_BUILD=1), else PYTHONPATH;
-#   2. the GPU tests: pytest -m gpu in parallel groups (benchmarks/gpu_tests.sh: the kernels compile on several cores);
-#   3. the GPU benchmarks: benchmarks/run.py --device cuda --shapes gpu (attention up to B=4096 T=500 D=256 in
+#      (the extension's CUDA kernels, csrc/cuda, compile for this GPU: about a minute and a half on 16 cores);
+#   2. the GPU tests: pytest -m gpu in parallel groups (benchmarks/gpu_tests.sh: the kernels compile on several cores),
+#      the CUDA kernels' (tests/test_cuda_kernels.py) against the float64 reference among them;
+#   3. compute-sanitizer's memcheck and racecheck on one small call of every CUDA kernel (benchmarks/cuda_sanitize.py;
+#      skipped when the extension has no CUDA kernels; fails where the machine's runtime refuses the tool);
+#   4. the GPU benchmarks: benchmarks/run.py --device cuda --shapes gpu (attention up to B=4096 T=500 D=256 in
 #      fp32 and bf16 with reference, reference_compile, torch, triton (and cuda when built), forward/backward/full,
 #      peak memory and floor; Dice at N=4M C=200 with its achieved bandwidth against the measured copy bandwidth;
 #      MBA at K=1e5 and 1e7 with the same batch; the DIN step).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else ./gpu_check_out)
 # Every stage runs under `timeout`, logs its status to OUT_DIR/stages.jsonl and never stops the others; the whole
-# script stays under 8 minutes (stage limits below; override with GPU_CHECK_*_S). At most 8 files are written:
+# script stays under 9 minutes in the worst case, about 8 when every stage succeeds (stage limits below; override
+# with GPU_CHECK_*_S). At most 8 files are written:
 # stages.jsonl, gpu_check.log, gpu-latest.jsonl, gpu-latest.md and the two plots.
 set -u
 
@@ -25,9 +30,11 @@ STAGES="$OUT_DIR/stages.jsonl"
 : > "$LOG"
 START=$(date +%s)
 
-INSTALL_S="${GPU_CHECK_INSTALL_S:-150}"
-TESTS_S="${GPU_CHECK_TESTS_S:-180}"
+INSTALL_S="${GPU_CHECK_INSTALL_S:-200}"
+TESTS_S="${GPU_CHECK_TESTS_S:-170}"
+SANITIZE_S="${GPU_CHECK_SANITIZE_S:-100}"
 BENCH_S="${GPU_CHECK_BENCH_S:-280}"
+TOTAL_S="${GPU_CHECK_TOTAL_S:-500}"
 
 # stage NAME LIMIT_S CMD...: runs CMD under timeout, appends its output to the log and one JSON line to stages.jsonl
 stage() {
@@ -86,9 +93,18 @@ EOF
 # 2. the GPU tests (the Triton kernels compiled for the GPU: tests/conftest.py defaults TRITON_INTERPRET to 1)
 stage tests "$TESTS_S" env TRITON_INTERPRET=0 PYTHON="$PY" bash benchmarks/gpu_tests.sh
 
-# 3. the GPU benchmarks (time left is shared: the stage gets what remains of 8 minutes, at most BENCH_S)
+# 3. compute-sanitizer on the CUDA kernels (when the extension has them)
+if "$PY" -c "import torch, din_kernels._extension as e; assert e.has_kernel('target_attention_fwd', 'cuda')" \
+    > /dev/null 2>&1; then
+  stage sanitize "$SANITIZE_S" bash -c "rc=0; for tool in memcheck racecheck; do echo \"--- \$tool\"; \
+    compute-sanitizer --tool \$tool --error-exitcode 3 $PY benchmarks/cuda_sanitize.py || rc=\$?; done; exit \$rc"
+else
+  echo "sanitize skipped: din_kernels._C has no CUDA kernels" | tee -a "$LOG"
+fi
+
+# 4. the GPU benchmarks (time left is shared: the stage gets what remains of TOTAL_S, at most BENCH_S)
 ELAPSED=$(( $(date +%s) - START ))
-LEFT=$(( 480 - ELAPSED ))
+LEFT=$(( TOTAL_S - ELAPSED ))
 [ "$LEFT" -gt "$BENCH_S" ] && LEFT="$BENCH_S"
 [ "$LEFT" -lt 30 ] && LEFT=30
 stage bench "$LEFT" env TRITON_INTERPRET=0 "$PY" benchmarks/run.py --device cuda --shapes gpu --dtypes float32,bfloat16 \

@@ -7,6 +7,7 @@ set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 PY="${PYTHON:-python3}"
 ATT=tests/test_triton_attention.py
+CU=tests/test_cuda_kernels.py  # the compiled CUDA kernels (csrc/cuda): their GPU tests skip unless the build has them
 GROUPS_K=(
   "$ATT|test_gpu_realistic_sizes and float32 and sigmoid"
   "$ATT|test_gpu_realistic_sizes and float32 and dice"
@@ -16,6 +17,8 @@ GROUPS_K=(
   "$ATT|test_gpu_realistic_sizes and bfloat16 and prelu"
   "$ATT|not test_gpu_realistic_sizes"
   "tests/test_dice.py tests/test_mba.py|"
+  "$CU|test_gpu_matches_reference"
+  "$CU|not test_gpu_matches_reference"
 )
 TMP="$(mktemp -d)"
 pids=()
