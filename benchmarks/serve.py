@@ -479,24 +479,29 @@ def _latency(runner, shape: dict, seconds: float) -> list[dict]:
 
 
 def _memory(runner, rows: list[dict]) -> None:
-    """Fills ``peak_mem_mb`` of the CPU rows: one fresh process per provider and part (:mod:`measure`)."""
+    """Fills ``peak_mem_mb`` of the CPU rows: one fresh process per provider (its parts one after the other, as the
+    other ops' shapes are), see :mod:`benchmarks.measure`."""
+    by_provider: dict[str, list[dict]] = {}
     for r in rows:
         if r["method"] == "package":
             r["mem_error"] = "not measured: the package would be exported again in the memory process"
-            continue
-        if r["backend"] == "reference":
+        elif r["backend"] == "reference":
             r["mem_error"] = "not measured: the reference repeats each history literally (the repeated rows show it)"
-            continue
-        shape = {k: r[k] for k in ("part", "U", "C", "T", "D", "hidden", "activation", "mlp", "vocab") if k in r}
-        start = time.perf_counter()
-        result = measure.cpu_peaks_in_subprocess("serve", r["provider"], [("k", shape, r["dtype"], ["forward"])],
-                                                 runner.args.seed, timeout=runner.args.mem_timeout)
-        value = result.get("k", {}).get("forward")
-        if isinstance(value, (int, float)):
-            r["peak_mem_mb"] = value
         else:
-            r["mem_error"] = value or "not measured"
-        print(f"  memory serve {r['part']} {r['provider']}: {time.perf_counter() - start:.1f} s", flush=True)
+            by_provider.setdefault(r["provider"], []).append(r)
+    keys = ("part", "U", "C", "T", "D", "hidden", "activation", "mlp", "vocab")
+    for name, rs in by_provider.items():
+        items = [(str(i), {k: r[k] for k in keys if k in r}, r["dtype"], ["forward"]) for i, r in enumerate(rs)]
+        start = time.perf_counter()
+        result = measure.cpu_peaks_in_subprocess("serve", name, items, runner.args.seed,
+                                                 timeout=runner.args.mem_timeout)
+        for i, r in enumerate(rs):
+            value = result.get(str(i), {}).get("forward")
+            if isinstance(value, (int, float)):
+                r["peak_mem_mb"] = value
+            else:
+                r["mem_error"] = value or "not measured"
+        print(f"  memory serve {name}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def run(runner, shape_set: str) -> list[dict]:

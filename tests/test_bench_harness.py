@@ -354,3 +354,16 @@ def test_serve_package():
     serve._MODELS.clear()
     serve._PACKAGES.clear()
     cases.clear_cache()
+
+
+def test_serve_memory_in_a_fresh_process(tmp_path, monkeypatch):
+    runner, serve = _serve_runner(tmp_path, monkeypatch)
+    shape = serve.shape_of("attention", serve.settings("tiny"))
+    rows = [{**shape, "provider": name, "method": method, "backend": backend, "dtype": "float32"}
+            for name, method, backend in (("repeated_torch", "repeated", "torch"),
+                                          ("query_offsets_reference", "query_offsets", "reference"))]
+    rows.append({**serve.shape_of("model", serve.settings("tiny")), "provider": "package", "method": "package",
+                 "backend": "cpu", "dtype": "float32"})
+    serve._memory(runner, rows)
+    assert isinstance(rows[0]["peak_mem_mb"], float) and "mem_error" not in rows[0]
+    assert "reference" in rows[1]["mem_error"] and "exported" in rows[2]["mem_error"]
