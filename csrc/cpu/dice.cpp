@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <numeric>
 #include <vector>
 
 #include "vec_math.h"
@@ -213,6 +214,121 @@ Tensor as_rows(const Tensor& x) {
   return x.to(c10::CppTypeToScalarType<scalar_t>::value).contiguous();
 }
 
+// The unmasked input seen as wide rows ("spans") of k whole rows, S = k C elements, so that short channel counts
+// still run full vectors without per-row overhead; the per-channel parameters are tiled k times. The last N mod k
+// rows keep their width C. Lane j of a span is channel j % C.
+struct Spans {
+  int64_t k = 1, S = 0, Nf = 0, Nt = 0;  // rows per span, span width, full spans, remaining rows
+};
+
+template <typename acc_t>
+Spans spans_of(int64_t N, int64_t C) {
+  Spans sp;
+  if (C == 0) return sp;
+  constexpr int64_t W = Vec<acc_t>::size();
+  const int64_t k0 = W / std::gcd(C, W);  // the fewest rows whose width is a multiple of the vector width
+  sp.k = k0 * std::max<int64_t>(1, (256 + k0 * C - 1) / (k0 * C));  // spans of at least 256 elements
+  sp.S = sp.k * C;
+  sp.Nf = N / sp.k;
+  sp.Nt = N - sp.Nf * sp.k;
+  return sp;
+}
+
+template <typename acc_t>
+Channels<acc_t> tiled(const Channels<acc_t>& ch, int64_t k) {
+  auto rep = [&](const Tensor& t) { return t.defined() ? t.repeat({k}).contiguous() : Tensor(); };
+  return {rep(ch.alpha), rep(ch.weight), rep(ch.bias), rep(ch.mean), rep(ch.r)};
+}
+
+// y = x (alpha + (1 - alpha) p) for N rows of width C
+template <typename scalar_t, typename acc_t>
+void forward_rows(const scalar_t* xp, scalar_t* yp, int64_t N, int64_t C, const Channels<acc_t>& ch) {
+  const acc_t* al = ch.p(ch.alpha);
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> row(C), p(C);
+    for (int64_t r = r0; r < r1; ++r) {
+      convert(xp + r * C, row.data(), C);
+      gate_row<acc_t>(row.data(), p.data(), nullptr, C, ch);
+      for_vectors<acc_t>(C, [&](int64_t j, int64_t k) {
+        Vec<acc_t> a = ld(al + j, k), xv = ld(row.data() + j, k);
+        st(xv * (a + (Vec<acc_t>(1) - a) * ld(p.data() + j, k)), p.data() + j, k);
+      });
+      convert(p.data(), yp + r * C, C);
+    }
+  });
+}
+
+constexpr int kSums = 5;  // backward pass 1: sum g, sum g u, d alpha, d weight, d bias (per channel)
+
+// backward pass 1 over N rows of width C: the kSums sums per lane [kSums, C], in P ordered groups (deterministic)
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> backward_sums(const scalar_t* xp, const scalar_t* dyp, int64_t N, int64_t C,
+                                 const Channels<acc_t>& ch) {
+  const acc_t *al = ch.p(ch.alpha), *wt = ch.p(ch.weight);
+  const int64_t P = num_groups(N);
+  std::vector<acc_t> part(P * kSums * C, 0);
+  at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<acc_t> xr(C), dr(C), p(C), u(C);
+    for (int64_t g = g0; g < g1; ++g) {
+      auto [r0, r1] = group_rows(N, g, P);
+      acc_t *sg = part.data() + g * kSums * C, *sgu = sg + C, *sa = sgu + C, *sw = sa + C, *sb = sw + C;
+      for (int64_t r = r0; r < r1; ++r) {
+        convert(xp + r * C, xr.data(), C);
+        convert(dyp + r * C, dr.data(), C);
+        gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
+        backward_sums_row<acc_t>(xr.data(), dr.data(), p.data(), u.data(), al, wt, sg, sgu, sa, sw, sb, C);
+      }
+    }
+  });
+  std::vector<acc_t> sums(kSums * C, 0);
+  for (int64_t g = 0; g < P; ++g) add_to<acc_t>(part.data() + g * kSums * C, sums.data(), kSums * C);
+  return sums;
+}
+
+// backward pass 2 over N rows of width C: dx, with the statistics' term where corr(row) (SG/SGU: [C] per lane)
+template <typename scalar_t, typename acc_t, typename Corr>
+void backward_dx(const scalar_t* xp, const scalar_t* dyp, scalar_t* dxp, int64_t N, int64_t C,
+                 const Channels<acc_t>& ch, const acc_t* SG, const acc_t* SGU, acc_t inv_n, const Corr& corr) {
+  const acc_t *al = ch.p(ch.alpha), *wt = ch.p(ch.weight), *rr = ch.p(ch.r);
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> xr(C), dr(C), p(C), u(C);
+    for (int64_t r = r0; r < r1; ++r) {
+      convert(xp + r * C, xr.data(), C);
+      convert(dyp + r * C, dr.data(), C);
+      gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
+      backward_dx_row<acc_t>(xr.data(), dr.data(), p.data(), u.data(), al, wt, rr, corr(r) ? SG : nullptr, SGU, inv_n,
+                             C);
+      convert(p.data(), dxp + r * C, C);
+    }
+  });
+}
+
+// per-channel moments [3, C] of unmasked rows: the spans' lane moments merged per channel, then the last rows'
+template <typename scalar_t, typename acc_t>
+Tensor unmasked_stats(const scalar_t* xp, int64_t N, int64_t C, const Spans& sp, const at::TensorOptions& opt) {
+  Tensor lanes = batch_stats<scalar_t, acc_t>(xp, nullptr, sp.Nf, sp.S, opt);
+  Tensor tail = batch_stats<scalar_t, acc_t>(xp + sp.Nf * sp.S, nullptr, sp.Nt, C, opt);
+  Tensor stats = at::zeros({3, C}, opt);
+  const acc_t *lm = lanes[0].data_ptr<acc_t>(), *lv = lanes[1].data_ptr<acc_t>();
+  const acc_t *tm = tail[0].data_ptr<acc_t>(), *tv = tail[1].data_ptr<acc_t>();
+  acc_t *mean = stats[0].data_ptr<acc_t>(), *var = stats[1].data_ptr<acc_t>(), *count = stats[2].data_ptr<acc_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t n = 0, mu = 0, m2 = 0;
+    for (int64_t j = c; j < sp.S; j += C) {  // each lane of a channel holds Nf rows
+      acc_t n_j = n;
+      merge_moments<acc_t>(&n_j, &mu, &m2, acc_t(sp.Nf), lm[j], lv[j] * acc_t(sp.Nf));
+      n += acc_t(sp.Nf);
+    }
+    acc_t n_t = n;
+    merge_moments<acc_t>(&n_t, &mu, &m2, acc_t(sp.Nt), tm[c], tv[c] * acc_t(sp.Nt));
+    n += acc_t(sp.Nt);
+    mean[c] = mu;
+    var[c] = n > 0 ? m2 / n : acc_t(0);
+    count[c] = n;
+  }
+  return stats;
+}
+
 std::tuple<Tensor, Tensor> dice_fwd_cpu(const Tensor& x, const std::optional<Tensor>& mask, const Tensor& alpha,
                                         const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                                         const std::optional<Tensor>& running_mean,
@@ -230,25 +346,16 @@ std::tuple<Tensor, Tensor> dice_fwd_cpu(const Tensor& x, const std::optional<Ten
     const int64_t N = C ? xc.numel() / C : 0;
     Tensor m = mask.has_value() && mask->defined() ? mask->contiguous() : Tensor();
     const scalar_t* xp = xc.data_ptr<scalar_t>();
-    Tensor stats = training ? batch_stats<scalar_t, acc_t>(xp, m.defined() ? m.data_ptr<bool>() : nullptr, N, C, opt)
-                            : at::stack({acc<acc_t>(*running_mean, C), acc<acc_t>(*running_var, C),
-                                         at::zeros({C}, opt)});
+    const Spans sp = spans_of<acc_t>(N, C);
+    Tensor stats = !training  ? at::stack({acc<acc_t>(*running_mean, C), acc<acc_t>(*running_var, C),
+                                           at::zeros({C}, opt)})
+                   : m.defined() ? batch_stats<scalar_t, acc_t>(xp, m.data_ptr<bool>(), N, C, opt)
+                                 : unmasked_stats<scalar_t, acc_t>(xp, N, C, sp, opt);
     Channels<acc_t> ch = channels<acc_t>(alpha, weight, bias, stats[0], stats[1], eps, C);
     Tensor y = at::empty(xc.sizes(), xc.options());
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const acc_t* al = ch.p(ch.alpha);
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> row(C), p(C);
-      for (int64_t r = r0; r < r1; ++r) {
-        convert(xp + r * C, row.data(), C);
-        gate_row<acc_t>(row.data(), p.data(), nullptr, C, ch);
-        for_vectors<acc_t>(C, [&](int64_t j, int64_t k) {
-          Vec<acc_t> a = ld(al + j, k), xv = ld(row.data() + j, k);
-          st(xv * (a + (Vec<acc_t>(1) - a) * ld(p.data() + j, k)), p.data() + j, k);
-        });
-        convert(p.data(), yp + r * C, C);
-      }
-    });
+    if (sp.Nf) forward_rows<scalar_t, acc_t>(xp, yp, sp.Nf, sp.S, tiled(ch, sp.k));
+    forward_rows<scalar_t, acc_t>(xp + sp.Nf * sp.S, yp + sp.Nf * sp.S, sp.Nt, C, ch);
     return std::make_tuple(y.view(x.sizes()).to(x.scalar_type()), stats);
   });
 }
@@ -276,42 +383,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dice_bwd_cpu(const Tensor& dy, const 
     Channels<acc_t> ch = channels<acc_t>(alpha, weight, bias, st[0], st[1], eps, C);
     const acc_t count = C ? st[2][0].item<acc_t>() : acc_t(0);
     const scalar_t *xp = xc.data_ptr<scalar_t>(), *dyp = dyc.data_ptr<scalar_t>();
-    const acc_t *al = ch.p(ch.alpha), *wt = ch.p(ch.weight), *rr = ch.p(ch.r);
-    // pass 1: per-channel sums of g = gp * weight, g * u, dy x (1 - p), gp * u, gp, in P ordered groups
-    const int64_t P = num_groups(N);
-    constexpr int kSums = 5;
-    std::vector<acc_t> part(P * kSums * C, 0);
-    at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<acc_t> xr(C), dr(C), p(C), u(C);
-      for (int64_t g = g0; g < g1; ++g) {
-        auto [r0, r1] = group_rows(N, g, P);
-        acc_t *sg = part.data() + g * kSums * C, *sgu = sg + C, *sa = sgu + C, *sw = sa + C, *sb = sw + C;
-        for (int64_t r = r0; r < r1; ++r) {
-          convert(xp + r * C, xr.data(), C);
-          convert(dyp + r * C, dr.data(), C);
-          gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
-          backward_sums_row<acc_t>(xr.data(), dr.data(), p.data(), u.data(), al, wt, sg, sgu, sa, sw, sb, C);
-        }
-      }
-    });
-    std::vector<acc_t> sums(kSums * C, 0);
-    for (int64_t g = 0; g < P; ++g) add_to<acc_t>(part.data() + g * kSums * C, sums.data(), kSums * C);
-    const acc_t *SG = sums.data(), *SGU = SG + C;
-    const acc_t inv_n = count > 0 ? acc_t(1) / count : acc_t(0);
-    // pass 2: dx = dy (alpha + (1 - alpha) p) + r g - [training, selected] r / Nv (sum g + u sum g u)
     Tensor dx = at::empty(xc.sizes(), xc.options());
     scalar_t* dxp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> xr(C), dr(C), p(C), u(C);
-      for (int64_t r = r0; r < r1; ++r) {
-        convert(xp + r * C, xr.data(), C);
-        convert(dyp + r * C, dr.data(), C);
-        gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
-        const bool corr = training && (mp == nullptr || mp[r]);
-        backward_dx_row<acc_t>(xr.data(), dr.data(), p.data(), u.data(), al, wt, rr, corr ? SG : nullptr, SGU, inv_n, C);
-        convert(p.data(), dxp + r * C, C);
+    const acc_t inv_n = count > 0 ? acc_t(1) / count : acc_t(0);
+    std::vector<acc_t> sums;
+    if (mp) {  // masked: row by row (the statistics' term only at the selected rows)
+      sums = backward_sums<scalar_t, acc_t>(xp, dyp, N, C, ch);
+      backward_dx<scalar_t, acc_t>(xp, dyp, dxp, N, C, ch, sums.data(), sums.data() + C, inv_n,
+                                   [&](int64_t r) { return training && mp[r]; });
+    } else {  // spans of k rows, then the last rows; the spans' lane sums fold into channels
+      const Spans sp = spans_of<acc_t>(N, C);
+      const Channels<acc_t> wide = tiled(ch, sp.k);
+      sums = backward_sums<scalar_t, acc_t>(xp + sp.Nf * sp.S, dyp + sp.Nf * sp.S, sp.Nt, C, ch);
+      if (sp.Nf) {
+        std::vector<acc_t> lanes = backward_sums<scalar_t, acc_t>(xp, dyp, sp.Nf, sp.S, wide);
+        for (int q = 0; q < kSums; ++q)
+          for (int64_t j = 0; j < sp.S; ++j) sums[q * C + j % C] += lanes[q * sp.S + j];
       }
-    });
+      std::vector<acc_t> sg_wide(sp.S), sgu_wide(sp.S);
+      for (int64_t j = 0; j < sp.S; ++j) {
+        sg_wide[j] = sums[j % C];
+        sgu_wide[j] = sums[C + j % C];
+      }
+      auto all = [&](int64_t) { return training; };
+      if (sp.Nf)
+        backward_dx<scalar_t, acc_t>(xp, dyp, dxp, sp.Nf, sp.S, wide, sg_wide.data(), sgu_wide.data(), inv_n, all);
+      const int64_t off = sp.Nf * sp.S;
+      backward_dx<scalar_t, acc_t>(xp + off, dyp + off, dxp + off, sp.Nt, C, ch, sums.data(), sums.data() + C, inv_n,
+                                   all);
+    }
     Tensor dalpha = at::empty({C}, opt);
     std::memcpy(dalpha.data_ptr<acc_t>(), sums.data() + 2 * C, C * sizeof(acc_t));
     if (alpha.numel() == 1) dalpha = dalpha.sum().reshape({1});
