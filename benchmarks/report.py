@@ -206,11 +206,16 @@ def serve_rows(rows: list[dict], part: str) -> list[dict]:
     return sorted(rs, key=key)
 
 
+def _same_case(a: dict, b: dict) -> bool:
+    return (a.get("U"), a.get("C")) == (b.get("U"), b.get("C"))
+
+
 def serve_baseline(row: dict, rs: list[dict]) -> dict | None:
-    """The row ``row`` is compared with on the same backend: the repeat for ``query_offsets``/``rank``, the eager
-    ``rank`` for the package."""
+    """The row ``row`` is compared with on the same backend and sizes: the repeat for ``query_offsets``/``rank``,
+    the eager ``rank`` for the package."""
     other = {"query_offsets": "repeated", "rank": "forward_repeated", "package": "rank"}.get(row.get("method"))
-    return next((r for r in rs if r.get("method") == other and r.get("backend") == row.get("backend")), None)
+    return next((r for r in rs if r.get("method") == other and r.get("backend") == row.get("backend")
+                 and _same_case(r, row)), None)
 
 
 def _rate(x) -> str:
@@ -224,8 +229,9 @@ def _x_floor(ms: float, row: dict) -> str:
     return f"{ms / row['floor_ms']:.2f}x" if row.get("floor_ms") else "-"
 
 
-def _peer(rs: list[dict]) -> dict | None:
-    return next((r for r in rs if r.get("method") == PEER), None)
+def _peer(rs: list[dict], row: dict) -> dict | None:
+    """The peer's row of ``row``'s sizes."""
+    return next((r for r in rs if r.get("method") == PEER and _same_case(r, row)), None)
 
 
 def _best(rs: list[dict], method: str) -> dict | None:
@@ -238,9 +244,9 @@ def serve_summary(rows: list[dict]) -> str:
     the floor; the package against eager ``rank``; the latency of one user."""
     lines = []
     att, model = serve_rows(rows, "attention"), serve_rows(rows, "model")
-    best, peer = _best(att, "query_offsets"), _peer(att)
+    best = _best(att, "query_offsets")
     if best:
-        r = best
+        r, peer = best, _peer(att, best)
         parts = [f"attention, U={r['U']} users x C={r['C']} candidates, T={r['T']}, D={r['D']}: "
                  f"`{r['provider']}` {fmt_ms(r['median_ms'])} ms ({_rate(r['users_per_s'])} users/s)"]
         if peer:
@@ -252,9 +258,9 @@ def serve_summary(rows: list[dict]) -> str:
             parts.append(f"{r['median_ms'] / r['floor_ms']:.2f}x its floor ({r['floor_ms']:.3g} ms at "
                          f"{1e3 * r.get('peak_rate_tflops', 0):.3g} GFLOP/s)")
         lines.append("- " + ", ".join(parts))
-    best, peer = _best(model, "rank"), _peer(model)
+    best = _best(model, "rank")
     if best:
-        r = best
+        r, peer = best, _peer(model, best)
         parts = [f"whole model: `{r['provider']}` {_rate(r['users_per_s'])} users/s "
                  f"({_rate(r['candidates_per_s'])} candidates/s)"]
         if peer:
@@ -289,9 +295,8 @@ def serve_throughput_table(rows: list[dict]) -> str:
             out += ["| part | provider | users/s | candidates/s | median ms | p20-p80 ms | vs deepctr_torch "
                     "| vs the repeat | floor ms | x floor | peak MB |",
                     "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        peer = _peer(rs)
         for r in rs:
-            base = serve_baseline(r, rs)
+            base, peer = serve_baseline(r, rs), _peer(rs, r)
             vs_base = f"{_ratio(base['median_ms'], r['median_ms'])} (`{base['provider']}`)" if base else "-"
             out.append(f"| {part} U={r['U']} C={r['C']} | {r['provider']} | {_rate(r['users_per_s'])} | "
                        f"{_rate(r['candidates_per_s'])} | {fmt_ms(r['median_ms'])} | "
@@ -306,10 +311,10 @@ def serve_latency_table(rows: list[dict]) -> str:
     rs = serve_rows(rows, "latency")
     if not rs:
         return ""
-    peer = _peer(rs)
     lines = ["| provider | p50 ms | p99 ms | max ms | calls | floor ms (1 thread) | p50 / floor "
              "| p50 vs deepctr_torch |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rs:
+        peer = _peer(rs, r)
         lines.append(f"| {r['provider']} | {fmt_ms(r['p50_ms'])} | {fmt_ms(r['p99_ms'])} | {fmt_ms(r.get('max_ms'))} "
                      f"| {r['samples']} | {r['floor_ms']:.3g} | {_x_floor(r['p50_ms'], r)} | "
                      f"{_ratio(peer['p50_ms'], r['p50_ms']) if peer else '-'} |")
@@ -347,7 +352,7 @@ def serve_markdown(rows: list[dict], title: str = "### serve") -> str:
              "float32 inference. `query_offsets_*` / `rank_*`: each history once per user; `repeated_*` / "
              "`forward_repeated_*` / `deepctr_torch`: the history repeated once per candidate (built in the timed "
              "call). `x floor`: median / floor (FLOPs of every candidate-behaviour pair, the history read once per "
-             "user).")
+             "user; below 1: faster than the run's measured matmul peak predicts).")
     parts = [title, about, serve_summary(rows), through]
     lat = serve_latency_table(rows)
     if lat:

@@ -14,7 +14,8 @@ inference (eval, no autograd). The sizes are :data:`SETS` (``--shrink`` divides 
 - ``model``: the whole DIN. ``rank_<backend>``: ``DIN.rank(batch, candidates, candidate_offsets)``;
   ``forward_repeated_<backend>``: ``DIN.forward`` on the repeated batch (each user's row once per candidate, built in
   the timed call); ``deepctr_torch``: DeepCTR-Torch's DIN on that batch (its own weights, as in ``din_step``);
-  ``package``: ``din_kernels.load`` of ``din_kernels.export`` (an AOTInductor package of ``rank``).
+  ``package``: ``din_kernels.load`` of ``din_kernels.export`` (an AOTInductor package of ``rank``, exported once
+  per run: ``export_s`` in its rows).
 - ``latency``: the model's providers on one user with ``latency_C`` candidates, one call at a time for
   ``latency_s`` seconds each under ``torch.set_num_threads(1)`` (restored after): p50 and p99 ms, the floor from a
   one-thread matmul peak measured there.
@@ -101,8 +102,7 @@ def provider(part: str, name: str) -> Provider:
 
 
 def settings(shape_set: str, shrink: int = 1) -> dict:
-    """The sizes of ``shape_set`` (``gpu`` for an unknown one on a GPU is the caller's choice), users divided by
-    ``shrink``."""
+    """The sizes of ``shape_set`` (:data:`SETS`), the numbers of users divided by ``shrink``."""
     s = dict(SETS[shape_set])
     if shrink > 1:
         for key in ("U", "reference_U", "sweep_U"):
