@@ -483,6 +483,65 @@ def test_gpu_several_candidates_per_history(layout, activation, normalization, t
         assert_close(x.cpu(), y, dtype, f"tensor {i}", factor=cuda_factor(dtype), backend="cuda")
 
 
+def _to_cuda(a):
+    if isinstance(a, torch.Tensor):
+        t = a.detach().to("cuda")
+        return t.requires_grad_() if a.requires_grad else t
+    if isinstance(a, list):
+        return [_to_cuda(x) for x in a]
+    return a
+
+
+@pytest.mark.gpu
+@needs_cuda_build
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+@pytest.mark.parametrize(("activation", "normalization", "training", "candidates"), [
+    ("sigmoid", "none", False, False), ("dice", "softmax", True, False), ("prelu", "softmax", False, True),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_opcheck(layout, activation, normalization, training, candidates, dtype):
+    """torch.library.opcheck of the compiled ops on CUDA tensors: schema, fake kernels against the CUDA kernels,
+    autograd registration, the dispatch under AOT (as tests/test_contract.py does on the CPU)."""
+    from test_contract import _attention_args, _detach, _dice_args
+
+    fwd, bwd = attention_ops.ops("cuda")
+    case = attention_case(B=4, T=5, D=3, hidden=(6, 4), activation=activation, lengths=[3, 5, 0, 2], seed=20)
+    args = _to_cuda(_attention_args(case, layout, activation, normalization, training, dtype, False, candidates))
+    torch.library.opcheck(fwd, tuple(args))
+    outputs = fwd(*args)
+    inputs = [_detach(a) for a in args]
+    bwd_args = (torch.randn_like(outputs[0]), torch.randn_like(outputs[1]), *inputs[:10],
+                *[_detach(o) for o in outputs[2:]], *inputs[10:15])
+    torch.library.opcheck(bwd, bwd_args)
+    dfwd, dbwd, update = dice_ops.ops("cuda")
+    dargs = _to_cuda(_dice_args(dtype, training))
+    torch.library.opcheck(dfwd, tuple(dargs))
+    y, stats = dfwd(*dargs)
+    x, mask, alpha, weight, bias = (_detach(t) for t in dargs[:5])
+    torch.library.opcheck(dbwd, (torch.randn_like(y), x, mask, alpha, weight, bias, stats.detach(), training, 1e-5))
+    stats = torch.tensor([[0.5, -1.0, 2.0], [1.0, 2.0, 0.5], [4.0, 4.0, 4.0]], device="cuda")
+    torch.library.opcheck(update, (torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"), stats, 0.1))
+
+
+@pytest.mark.gpu
+@needs_cuda_build
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_gpu_mba_opcheck(padding_idx):
+    fam = mba_ops.ops("cuda")
+    g = torch.Generator().manual_seed(14)
+    weight, grad = torch.randn(23, 7, generator=g).cuda(), torch.randn(23, 7, generator=g).cuda()
+    ids = torch.tensor([[5, 3, 5, 0, 11], [5, 5, 5, 17, 3]]).cuda()
+    counts = torch.randint(0, 6, (23,), generator=g).cuda()
+    torch.library.opcheck(fam["l2_dense"], (weight, grad, ids, counts, 0.3, padding_idx))
+    torch.library.opcheck(fam["penalty"], (weight, ids, counts, 0.3, padding_idx))
+    for sparse in (False, True):
+        torch.library.opcheck(fam["embedding"], (weight.clone().requires_grad_(), ids, counts, 0.3, padding_idx,
+                                                 sparse), test_utils=("test_schema", "test_faketensor"))
+    go = torch.randn(ids.numel(), 7, generator=g).cuda()
+    torch.library.opcheck(fam["bwd_dense"], (go, ids, weight, counts, 0.3, padding_idx))
+    torch.library.opcheck(fam["bwd_sparse"], (go, ids, weight, counts, 0.3, padding_idx))
+
+
 _INT64_SCRIPT = r"""
 import torch, din_kernels as dk
 torch.manual_seed(0)
