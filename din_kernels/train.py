@@ -1,4 +1,5 @@
-"""Training and evaluation of DIN / BaseModel: ``python -m din_kernels train|eval|compare ...`` (see ``--help``).
+"""Training and evaluation of DIN / BaseModel: ``python -m din_kernels train|eval|compare|export ...`` (see ``--help``;
+``export`` writes a run's ``rank`` as an AOTInductor package, :mod:`din_kernels.serving`).
 
 One process, or several under ``torchrun`` (``DistributedDataParallel``, gloo on the CPU, nccl on GPUs): each step
 takes one global batch of ``batch_size * world_size`` samples, every rank its own slice; the MBA counts ``n_j`` are
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from . import _extras, runs
 from . import metrics as M
-from .backend import BACKENDS
+from .backend import BACKENDS, BackendUnavailableError
 from .data import DATASETS, SeqData, SyntheticConfig, load_dataset
 from .nn.din import DIN, BaseModel
 from .ops.mba import mba_l2_
@@ -663,7 +664,39 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=BACKENDS, default=None, help="backend of every op (default: the run's)")
     c = sub.add_parser("compare", help="print test metrics of finished runs with RelaImpr against the first")
     c.add_argument("runs", nargs="+", help="output folders; the first is the base")
+    x = sub.add_parser(
+        "export", help="write a run's model.rank as an AOTInductor package (.pt2)", formatter_class=_HelpFormatter,
+        description="Export the model.pt of a run as an AOTInductor package of model.rank(batch, candidates, "
+                    "candidate_offsets) in eval mode, the numbers of users, candidates and behaviours dynamic "
+                    "(din_kernels.export; load it with din_kernels.load or, in C++, examples/rank). The example "
+                    "batch is built from the run's schema (random ids). Prints one JSON line.")
+    x.add_argument("--run", required=True, metavar="DIR", help="the run's folder (or its model.pt)")
+    x.add_argument("--out", required=True, metavar="FILE.pt2", help="the package to write")
+    x.add_argument("--layout", choices=CHOICES["layout"], default=None,
+                   help="the batches the package takes, padded or jagged (default: the run's)")
+    x.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="backend of the model's ops in the package: auto takes the compiled cpu kernels where the "
+                        "extension is built; torch is compiled from aten ops; every backend computes the same "
+                        "function")
+    x.add_argument("--device", default="cpu", help="torch device the package runs on")
     return p
+
+
+def export_run(run_dir: str, out: str, layout: str | None = None, backend: str = "auto",
+               device: torch.device | str = "cpu") -> dict:
+    """``python -m din_kernels export``: the run's model (:func:`din_kernels.load_run`) exported to ``out``
+    (:func:`din_kernels.export`, an example batch of random ids from its schema); returns what it prints."""
+    from . import serving
+
+    run = runs.load_run(run_dir, device, backend)
+    layout = layout or run.config.get("layout", "padded")
+    batch, candidates, offsets = serving.random_batch(serving.input_vocab(run.model, layout), layout, device=device)
+    start = time.perf_counter()
+    path = serving.export(run.model, batch, out, candidates, offsets)
+    package = serving.load(path)
+    return {"package": path, "run": run.path, "epoch": run.epoch, "layout": layout, "inputs": package.input_names,
+            "compiled_ops": [op for op in package.metadata[serving.META_OPS].split(",") if op],
+            "export_s": round(time.perf_counter() - start, 1)}
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -712,6 +745,13 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.path.join(folder, runs.METRICS_FILE)) as f:
                 results.append(json.load(f))
         print(compare_table(results))
+        return 0
+    if args.command == "export":  # the core only: no train extra
+        try:
+            print(json.dumps(export_run(args.run, args.out, args.layout, args.backend, args.device)))
+        except (OSError, ValueError, TypeError, BackendUnavailableError) as e:  # no run, a bad setting or backend
+            print(f"{parser.prog} export: error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
         return 0
     problem = _extras.missing_message("train", "this command")
     if problem:
