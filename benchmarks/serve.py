@@ -23,7 +23,8 @@ inference (eval, no autograd). The sizes are :data:`SETS` (``--shrink`` divides 
   (the plot ``<stem>-serve-sweep.png``).
 
 Every row has ``users_per_s`` and ``candidates_per_s`` (from the median) and its floor: attention rows
-:func:`benchmarks.floor.serve_attention_cost`, the model's :func:`benchmarks.floor.serve_model_cost`. Rows are
+:func:`benchmarks.floor.serve_attention_cost`, the model's :func:`benchmarks.floor.serve_model_cost`, at the run's
+peaks or those measured at the section's start where higher (:func:`section_peaks`). Rows are
 ``op: "serve"``, ``mode: "forward"``, with ``part``, ``method`` and ``backend``.
 """
 
@@ -402,7 +403,18 @@ def _time(runner, workloads: dict, scale: float = 1.0) -> dict:
     return timed
 
 
-def _throughput(runner, part: str, shape: dict, scale: float = 1.0, select=None) -> list[dict]:
+def section_peaks(runner) -> floor.Peaks:
+    """The run's peaks raised to what a float32 measurement at the section's start shows (CPU): on a shared machine
+    the rates at the run's start, minutes earlier, can be far from those of now, and a peak is the best the device
+    shows."""
+    if runner.device.type != "cpu":
+        return runner.peaks
+    fresh = floor.measure_peaks(runner.device, (DTYPE,), min_run_time=0.5)
+    flops = dict(runner.peaks.flops, float32=max(runner.peaks.rate("float32"), fresh.rate("float32")))
+    return floor.Peaks(runner.peaks.device, flops, max(runner.peaks.bandwidth, fresh.bandwidth))
+
+
+def _throughput(runner, part: str, shape: dict, peaks: floor.Peaks, scale: float = 1.0, select=None) -> list[dict]:
     providers = _providers(runner, part, shape, select)
     workloads = _build_all(runner, providers, shape)
     rows = []
@@ -410,7 +422,7 @@ def _throughput(runner, part: str, shape: dict, scale: float = 1.0, select=None)
         if isinstance(res, Exception):
             runner.skip("serve", p.name, shape, DTYPE, measure.format_exception(res), status="error", mode="forward")
         else:
-            rows.append(_add(runner, p, shape, res, workloads[p].info, runner.peaks))
+            rows.append(_add(runner, p, shape, res, workloads[p].info, peaks))
     del workloads
     cases.clear_cache()
     return rows
@@ -431,8 +443,10 @@ def _latency(runner, shape: dict, seconds: float) -> list[dict]:
     cuda = runner.device.type == "cuda"
     torch.set_num_threads(1)
     try:
-        peaks = runner.peaks if cuda else floor.measure_peaks(runner.device, (DTYPE,), min_run_time=0.3)
-        peaks.device = runner.peaks.device
+        peaks = runner.peaks
+        if not cuda:
+            peaks = floor.measure_peaks(runner.device, (DTYPE,), min_run_time=0.3)
+            peaks.device = runner.peaks.device
         workloads = _build_all(runner, providers, shape)
         fns, times, failed = {}, {}, {}
         for p, wl in workloads.items():
@@ -511,16 +525,20 @@ def run(runner, shape_set: str) -> list[dict]:
     print(f"[serve] T={s['T']} D={s['D']}, attention {tuple(ATT_HIDDEN)} {ACTIVATION}, MLP {tuple(MLP_HIDDEN)}",
           flush=True)
     rows: list[dict] = []
+    peaks = section_peaks(runner)
+    print(f"  serve peaks: float32 {peaks.rate('float32') / 1e9:.1f} GFLOP/s, copy {peaks.bandwidth / 1e9:.1f} GB/s",
+          flush=True)
     ref = (lambda p: p.backend == "reference") if s["reference_U"] != s["U"] else None
-    plan = [("attention", lambda: _throughput(runner, "attention", shape_of("attention", s),
+    plan = [("attention", lambda: _throughput(runner, "attention", shape_of("attention", s), peaks,
                                               select=(lambda p: not ref(p)) if ref else None))]
     if ref:  # the reference repeats each history literally: measured on fewer users
         plan.append(("attention", lambda: _throughput(runner, "attention",
-                                                      shape_of("attention", s, U=s["reference_U"]), select=ref)))
-    plan += [("model", lambda: _throughput(runner, "model", shape_of("model", s))),
+                                                      shape_of("attention", s, U=s["reference_U"]), peaks,
+                                                      select=ref)))
+    plan += [("model", lambda: _throughput(runner, "model", shape_of("model", s), peaks)),
              ("latency", lambda: _latency(runner, shape_of("latency", s, U=1, C=s["latency_C"]), s["latency_s"]))]
-    plan += [("sweep", lambda c=c: _throughput(runner, "sweep", shape_of("sweep", s, U=s["sweep_U"], C=c), 0.5))
-             for c in s["sweep_C"]]
+    plan += [("sweep", lambda c=c: _throughput(runner, "sweep", shape_of("sweep", s, U=s["sweep_U"], C=c), peaks,
+                                               0.5)) for c in s["sweep_C"]]
     try:
         for i, (part, fn) in enumerate(plan):
             if i and runner.out_of_time():
