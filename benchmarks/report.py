@@ -274,8 +274,9 @@ def serve_summary(rows: list[dict]) -> str:
     if pkg:
         base = serve_baseline(pkg, model)
         if base:
+            export = f", exported in {pkg['export_s']:.0f} s" if isinstance(pkg.get("export_s"), (int, float)) else ""
             lines.append(f"- the exported package: {fmt_ms(pkg['median_ms'])} ms, "
-                         f"{base['median_ms'] / pkg['median_ms']:.2f}x the speed of eager `{base['provider']}`")
+                         f"{base['median_ms'] / pkg['median_ms']:.2f}x the speed of eager `{base['provider']}`{export}")
     lat = serve_rows(rows, "latency")
     best = _best(lat, "rank")
     if best:
@@ -293,7 +294,7 @@ def serve_throughput_table(rows: list[dict]) -> str:
             continue
         if not out:
             out += ["| part | provider | users/s | candidates/s | median ms | p20-p80 ms | vs deepctr_torch "
-                    "| vs the repeat | floor ms | x floor | peak MB |",
+                    "| vs baseline | floor ms | x floor | peak MB |",
                     "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rs:
             base, peer = serve_baseline(r, rs), _peer(rs, r)
@@ -351,8 +352,9 @@ def serve_markdown(rows: list[dict], title: str = "### serve") -> str:
              f"{tuple(any_row['hidden'])} {any_row['activation']}, MLP {tuple(any_row.get('mlp') or (200, 80))}; "
              "float32 inference. `query_offsets_*` / `rank_*`: each history once per user; `repeated_*` / "
              "`forward_repeated_*` / `deepctr_torch`: the history repeated once per candidate (built in the timed "
-             "call). `x floor`: median / floor (FLOPs of every candidate-behaviour pair, the history read once per "
-             "user; below 1: faster than the run's measured matmul peak predicts).")
+             "call). `vs baseline`: over the same backend's repeat (the package: over eager `rank`). `x floor`: "
+             "median / floor (FLOPs of every candidate-behaviour pair, the history read once per user; below 1: "
+             "faster than the run's measured matmul peak predicts).")
     parts = [title, about, serve_summary(rows), through]
     lat = serve_latency_table(rows)
     if lat:

@@ -49,7 +49,7 @@ DTYPE = torch.float32
 # the sweep, sweep_U users x each of sweep_C. The default set fits the section in about 2 minutes on 2 shared cores.
 SETS = {
     "quick": {"U": 2, "C": 6, "T": 12, "D": 16, "vocab": 1000, "reference_U": 2, "latency_C": 6, "latency_s": 0.2,
-              "sweep_U": 2, "sweep_C": [1, 4, 16]},
+              "sweep_U": 2, "sweep_C": [1, 4, 16], "package": False},
     "default": {"U": 16, "C": 200, "T": 100, "D": 128, "vocab": 100_000, "reference_U": 2, "latency_C": 200,
                 "latency_s": 1.0, "sweep_U": 2, "sweep_C": [1, 10, 100, 200, 1000]},
     "full": {"U": 64, "C": 200, "T": 100, "D": 128, "vocab": 100_000, "reference_U": 8, "latency_C": 200,
@@ -57,6 +57,7 @@ SETS = {
     "gpu": {"U": 256, "C": 200, "T": 100, "D": 128, "vocab": 100_000, "reference_U": 16, "latency_C": 200,
             "latency_s": 2.0, "sweep_U": 64, "sweep_C": [1, 10, 100, 200, 1000]},
 }
+# "package": False leaves the exported package out (its export compiles for tens of seconds)
 # the latency part: calls per provider at least and at most (latency_s seconds of calls in between)
 LATENCY_MIN, LATENCY_MAX = 10, 400
 # the package's backend: the first of these that runs here
@@ -364,6 +365,9 @@ def _add(runner, p: Provider, shape: dict, timing: measure.Timing, info: dict, p
     return row
 
 
+QUICK_PACKAGE = "the export compiles for tens of seconds: not in the quick set"
+
+
 def _providers(runner, part: str, shape: dict, select=None) -> list[Provider]:
     """The part's providers that run here (and ``select(provider)`` keeps); the others recorded with their reason."""
     ok, skipped = available(part, runner.device, runner.args.providers, shape)
@@ -436,9 +440,9 @@ def percentile(times_s: list[float], q: float) -> float:
     return 1e3 * (xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
-def _latency(runner, shape: dict, seconds: float) -> list[dict]:
+def _latency(runner, shape: dict, seconds: float, select=None) -> list[dict]:
     """One call at a time under one thread, providers in turns: p50 and p99 of the per-call times."""
-    providers = _providers(runner, "latency", shape)
+    providers = _providers(runner, "latency", shape, select)
     threads = torch.get_num_threads()
     cuda = runner.device.type == "cuda"
     torch.set_num_threads(1)
@@ -535,10 +539,16 @@ def run(runner, shape_set: str) -> list[dict]:
         plan.append(("attention", lambda: _throughput(runner, "attention",
                                                       shape_of("attention", s, U=s["reference_U"]), peaks,
                                                       select=ref)))
-    plan += [("model", lambda: _throughput(runner, "model", shape_of("model", s), peaks)),
-             ("latency", lambda: _latency(runner, shape_of("latency", s, U=1, C=s["latency_C"]), s["latency_s"]))]
+    model = None
+    if not s.get("package", True):
+        model = lambda p: p.method != "package"  # noqa: E731
+        if not runner.args.providers or "package" in runner.args.providers:
+            runner.skip("serve", "package", shape_of("model", s), DTYPE, QUICK_PACKAGE, mode="forward")
+    plan += [("model", lambda: _throughput(runner, "model", shape_of("model", s), peaks, select=model)),
+             ("latency", lambda: _latency(runner, shape_of("latency", s, U=1, C=s["latency_C"]), s["latency_s"],
+                                          model))]
     plan += [("sweep", lambda c=c: _throughput(runner, "sweep", shape_of("sweep", s, U=s["sweep_U"], C=c), peaks,
-                                               0.5)) for c in s["sweep_C"]]
+                                               0.5, model)) for c in s["sweep_C"]]
     try:
         for i, (part, fn) in enumerate(plan):
             if i and runner.out_of_time():
