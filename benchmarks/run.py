@@ -273,7 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "backends, e.g. rank_cpu, rank, cpu)")
     ap.add_argument("--modes", default=None, help="comma-separated subset of forward,backward,full")
     ap.add_argument("--dtypes", default=None, help="e.g. float32,bfloat16 (default: fp32, and bf16 where native)")
-    ap.add_argument("--shrink", type=int, default=1, help="divide B, N and K (serve: the numbers of users) by this (a dry run of a large set)")
+    ap.add_argument("--shrink", type=int, default=1,
+                    help="divide B, N and K (serve: the numbers of users) by this (a dry run of a large set)")
     ap.add_argument("--out", default=RESULTS, help="results folder (default: benchmarks/results)")
     ap.add_argument("--stem", default=None, help="file name stem (default: the device, e.g. cpu-amd-epyc)")
     ap.add_argument("--no-history", action="store_true", help="write only <stem>-latest.jsonl, no timestamped copy")
