@@ -13,7 +13,9 @@ What runs in the package:
 - the compiled C++ ops of the ``cpu`` (and ``cuda``) backend, ``din_kernels::target_attention_fwd`` and
   ``din_kernels::dice_fwd``, called through the dispatcher: the process that runs the package must have loaded the
   extension ``din_kernels._C`` first (its ``TORCH_LIBRARY`` registrations define them). :func:`load` does (importing
-  ``din_kernels`` loads it); a C++ program ``dlopen``s the library (``examples/rank/main.cpp``);
+  ``din_kernels`` loads it); a C++ program ``dlopen``s the library (``examples/rank/main.cpp``). The attention with
+  ``sigmoid``/``relu`` is the exception: AOTInductor cannot pass it the empty list it takes (see
+  :func:`_compiled_attention`), so it runs as aten ops;
 - everything else as Inductor's own code: the embedding lookups (``din_kernels::mba_embedding_<backend>``, whose
   forward is ``weight[ids]`` with the ids clamped into the table, become ``aten.embedding`` of the clamped ids), the
   MLP, the candidates' gathers;
@@ -122,7 +124,7 @@ def _scores(z1: Tensor, mlp: MLP, cfg: AttentionConfig, W: list[Tensor], b: list
     h = _hidden(z1, 0, mlp, cfg)
     for i in range(1, len(W) - 1):
         h = _hidden(F.linear(h, W[i], b[i]), i, mlp, cfg)
-    return F.linear(h, W[-1], b[-1]).squeeze(-1)
+    return (h * W[-1][0]).sum(-1) + b[-1][0]  # a reduction Inductor fuses with the activation (no [.., Hn] copy)
 
 
 def _attention_eval(query: Tensor, keys: Tensor, lengths: Tensor | None, offsets: Tensor | None,
@@ -152,13 +154,11 @@ def _attention_eval(query: Tensor, keys: Tensor, lengths: Tensor | None, offsets
     c = F.linear(q, Wq + Wd, b[0])  # [Nq, H1]: the first layer's per-candidate bias
     if offsets is None:  # padded: each candidate reads its user's [T, D]
         T = keys.shape[1]
-        user_keys = keys.to(cd)
-        if cand.U == 0:
-            user_keys = user_keys.new_zeros(1, T, D)
+        user_keys = keys.to(cd) if cand.U else keys.new_zeros(1, T, D, dtype=cd)
         mask = padded_mask(cand.lengths(safe_lengths(lengths, T)), T)  # [Nq, T]
-        k = torch.where(mask[..., None], user_keys[cand.user], 0)  # [Nq, T, D]
-        M = (Wk - Wd)[None] + Wp[None] * q[:, None, :]  # [Nq, H1, D]: M_c of SPEC section 1
-        z1 = torch.bmm(k, M.transpose(1, 2)) + c[:, None, :]  # [Nq, T, H1]
+        k = user_keys[cand.user]  # [Nq, T, D]
+        # k_t @ M_c^T with M_c = (Wk - Wd) + Wp * q_c: the first part once per user, the second as one matmul
+        z1 = F.linear(user_keys, Wk - Wd)[cand.user] + F.linear(k * q[:, None, :], Wp) + c[:, None, :]  # [Nq, T, H1]
         s = _scores(z1, mlp, cfg, W, b)  # [Nq, T]
         if cfg.softmax:
             logits = torch.where(mask, scale * s, float("-inf"))
@@ -168,7 +168,7 @@ def _attention_eval(query: Tensor, keys: Tensor, lengths: Tensor | None, offsets
             w = e / torch.where(denom > 0, denom, 1)
         else:
             w = torch.where(mask, s, 0)
-        out = torch.bmm(w[:, None, :], k).squeeze(1)  # [Nq, D]
+        out = torch.where(mask[..., None], w[..., None] * k, 0).sum(1)  # [Nq, D]
     else:  # jagged: the pairs (candidate, behaviour of its user), in candidate order
         users = JaggedIndex(offsets, keys.shape[0], query_offsets.shape[0] - 1)
         rep_len = cand.lengths(users.lengths)  # [Nq]
@@ -178,9 +178,9 @@ def _attention_eval(query: Tensor, keys: Tensor, lengths: Tensor | None, offsets
         owner = torch.repeat_interleave(torch.arange(Nq, device=query.device), rep_len, output_size=R)
         starts = users.offsets[:-1][cand.user] if cand.U else torch.zeros_like(cand.user)
         rows = (starts - (ends - rep_len))[owner] + torch.arange(R, device=query.device)
-        k = keys.to(cd)[rows.clamp(0, max(keys.shape[0] - 1, 0))]  # [R, D]
-        qr = q[owner]
-        z1 = F.linear(k, Wk - Wd) + F.linear(k * qr, Wp) + c[owner]  # [R, H1]
+        rows = rows.clamp(0, max(keys.shape[0] - 1, 0))
+        k = keys.to(cd)[rows]  # [R, D]
+        z1 = F.linear(keys.to(cd), Wk - Wd)[rows] + F.linear(k * q[owner], Wp) + c[owner]  # [R, H1]
         s = _scores(z1, mlp, cfg, W, b)  # [R]
         if cfg.softmax:
             logits = scale * s
@@ -223,17 +223,12 @@ def decompositions() -> dict:
     models' eval forward (the ``reference``/``torch``/``triton`` embedding lookups, the ``reference``/``torch``
     attention and Dice), the compiled embedding lookup (its forward is a gather that Inductor fuses) and the compiled
     attention where a package cannot call it (:func:`_compiled_attention`)."""
+    python = {f"mba_embedding_{b}": _embedding for b in ("reference", "torch", "triton")}
+    python |= {f"target_attention_fwd_{b}": _attention_eval for b in ("reference", "torch")}
+    python |= {f"dice_fwd_{b}": _dice_eval for b in ("reference", "torch")}
+    compiled = {"mba_embedding": _embedding, "target_attention_fwd": _compiled_attention}
     ns = torch.ops.din_kernels
-    table: dict = {}
-    if _extension.loaded() and hasattr(ns, "target_attention_fwd"):
-        table[ns.target_attention_fwd.default] = _compiled_attention
-    for name, fn in (("mba_embedding", _embedding), ("target_attention_fwd", _attention_eval),
-                     ("dice_fwd", _dice_eval)):
-        backends = ("reference", "torch", "triton") if name == "mba_embedding" else ("reference", "torch")
-        for op in [f"{name}_{b}" for b in backends] + (["mba_embedding"] if name == "mba_embedding" else []):
-            if hasattr(ns, op):
-                table[getattr(ns, op).default] = fn
-    return table
+    return {getattr(ns, name).default: fn for name, fn in (python | compiled).items() if hasattr(ns, name)}
 
 
 # --------------------------------------------------------------------------------------------------- the inputs
