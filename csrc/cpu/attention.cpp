@@ -3,9 +3,10 @@
 //
 // Layout of the work. The samples are cut into chunks of consecutive samples holding about kChunkRows valid
 // behaviours (a sample is never split), so that a chunk's activations ([rows, H] per hidden layer) stay in L2. The
-// chunks are dealt to P = min(threads, chunks) groups of consecutive chunks, one group per task of at::parallel_for;
-// each group owns its scratch and its partial sums of the batch-summed gradients, which are added in group order at
-// the end: bit-for-bit deterministic for a fixed thread count, with no atomics.
+// chunks are dealt to G = min(kGroups, chunks) groups of consecutive chunks, which the threads take one at a time
+// (dynamic scheduling: a thread slowed by other work on its core does fewer groups); each group owns its partial sums
+// of the batch-summed gradients, added in group order at the end, and each thread its scratch: the results do not
+// depend on the thread count or the scheduling (bit-for-bit), with no atomics.
 //
 // Per sample b (L valid behaviours K_b [L, D]) the first layer is factorised (SPEC section 1):
 //   M_b = (Wk - Wd) + Wp * q_b  [H1, D],  c_b = q_b @ (Wq + Wd)^T + b1  [H1],  z1 = K_b @ M_b^T + c_b  [L, H1],
@@ -27,6 +28,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <string_view>
@@ -42,6 +44,18 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kChunkRows = 256;  // valid behaviours per chunk: [256, 80] float32 activations are 80 KB
+constexpr int64_t kGroups = 16;      // groups of chunks: a fixed number, so that the sums' order is fixed
+
+int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+// f(group, thread) for every group, groups taken one at a time by the threads of at::get_num_threads() (OpenMP,
+// dynamic schedule); no ATen op runs inside
+template <typename F>
+void for_groups(int64_t G, const F& f) {
+  const int threads = static_cast<int>(std::min<int64_t>(num_threads(), G));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int64_t g = 0; g < G; ++g) f(g, static_cast<int64_t>(omp_get_thread_num()));
+}
 
 // row-major C[M, N] (+)= A[M, K] @ B[K, N]: oneDNN's brgemm micro-kernels through ATen (at::native::cpublas::brgemm,
 // JIT-compiled for the CPU's vector ISA and cached per shape) for float32; the linked BLAS (csrc/cpu/blas.h) for
@@ -201,7 +215,7 @@ struct Layout {
       max_rows = std::max(max_rows, rows);
     }
     const int64_t n = static_cast<int64_t>(chunks.size());
-    P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+    P = std::max<int64_t>(1, std::min<int64_t>(kGroups, n));
     // groups of consecutive chunks; with candidates a group starts where a user starts, so that no two groups add
     // into the same keys' gradient rows
     group_begin.assign(P + 1, n);
@@ -213,7 +227,7 @@ struct Layout {
     }
   }
 
-  // the number of groups: fixed once per call, outside any parallel region (inside one, at::get_num_threads() is 1)
+  // the number of groups (kGroups, or fewer with fewer chunks)
   int64_t groups() const { return P; }
   // chunks [begin, end) of group g
   std::pair<int64_t, int64_t> group_chunks(int64_t g) const { return {group_begin[g], group_begin[g + 1]}; }
@@ -517,7 +531,7 @@ template <typename scalar_t, typename acc_t>
 Tensor dice_batch_stats(const Problem<scalar_t, acc_t>& pb, Mlp<acc_t>& m, std::vector<Scratch<acc_t>>& scratch,
                         const Config& cfg, const at::TensorOptions& opt) {
   const Layout& lay = pb.lay;
-  const int64_t P = static_cast<int64_t>(scratch.size()), sumH = m.col.back() + m.H.back();
+  const int64_t P = lay.groups(), sumH = m.col.back() + m.H.back();
   m.mean = at::zeros({sumH}, opt);
   m.r = at::ones({sumH}, opt);
   Tensor var_all = at::zeros({sumH}, opt);
@@ -525,16 +539,16 @@ Tensor dice_batch_stats(const Problem<scalar_t, acc_t>& pb, Mlp<acc_t>& m, std::
   for (int64_t i = 0; i < m.n; ++i) {
     const int64_t Hi = m.H[i];
     std::vector<acc_t> cnt(P, 0), mean(P * Hi, 0), m2(P * Hi, 0);
-    at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
+    for_groups(P, [&](int64_t g, int64_t tid) {
       std::vector<const acc_t*> kp;
-      for (int64_t g = g0; g < g1; ++g) {
+      {
         auto [c0, c1] = lay.group_chunks(g);
         for (int64_t ci = c0; ci < c1; ++ci) {
           const Chunk& c = lay.chunks[ci];
           if (c.rows == 0) continue;
-          pb.key_rows(c, scratch[g], kp);
-          pb.forward(c, scratch[g], kp, i);
-          const acc_t* z = scratch[g].Z[i].data();
+          pb.key_rows(c, scratch[tid], kp);
+          pb.forward(c, scratch[tid], kp, i);
+          const acc_t* z = scratch[tid].Z[i].data();
           for (int64_t h = 0; h < Hi; ++h) {  // the chunk's mean, then its centred squares, merged (Chan)
             acc_t sum = 0, sq = 0;
             for (int64_t r = 0; r < c.rows; ++r) sum += z[r * Hi + h];
@@ -583,7 +597,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const Te
   if (B > 0) {
     Problem<scalar_t, acc_t> pb(lay, m, cfg, keys_c, query);
     std::vector<Scratch<acc_t>> scratch;
-    for (int64_t g = 0; g < lay.groups(); ++g) scratch.emplace_back(lay, m, false, std::is_same_v<scalar_t, at::BFloat16>);
+    for (int64_t t = 0; t < std::min(num_threads(), lay.groups()); ++t)
+      scratch.emplace_back(lay, m, false, std::is_same_v<scalar_t, at::BFloat16>);
     if (cfg.dice_train()) {
       dice_stats = dice_batch_stats(pb, m, scratch, cfg, acc_opt);
     } else {
@@ -591,10 +606,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const Te
     }
     acc_t* ow = data<acc_t>(out_w);
     acc_t* ww = data<acc_t>(w_w);
-    at::parallel_for(0, lay.groups(), 1, [&](int64_t g0, int64_t g1) {
+    for_groups(lay.groups(), [&](int64_t g, int64_t tid) {
       std::vector<const acc_t*> kp;
-      for (int64_t g = g0; g < g1; ++g) {
-        Scratch<acc_t>& ws = scratch[g];
+      {
+        Scratch<acc_t>& ws = scratch[tid];
         auto [c0, c1] = lay.group_chunks(g);
         for (int64_t ci = c0; ci < c1; ++ci) {
           const Chunk& c = lay.chunks[ci];
@@ -840,10 +855,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     const int64_t P = lay.groups();
     std::vector<Scratch<acc_t>> scratch;
     std::vector<Partials<acc_t>> parts;
-    for (int64_t g = 0; g < P; ++g) {
+    for (int64_t t = 0; t < std::min(num_threads(), P); ++t)
       scratch.emplace_back(lay, m, true, std::is_same_v<scalar_t, at::BFloat16>);
-      parts.emplace_back(m);
-    }
+    for (int64_t g = 0; g < P; ++g) parts.emplace_back(m);
     std::vector<acc_t> sum_g(sumH, 0), sum_gu(sumH, 0);
     Backward<scalar_t, acc_t> bw{pb, go.defined() ? go.data_ptr<acc_t>() : nullptr,
                                  gs.defined() ? gs.data_ptr<acc_t>() : nullptr, sum_g.data(), sum_gu.data(),
@@ -851,12 +865,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
                                  dkeys_acc.defined() ? dkeys_acc.data_ptr<acc_t>() : nullptr, dq.data_ptr<acc_t>(),
                                  dc.data_ptr<acc_t>()};
     auto run = [&](int64_t stop) {
-      at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
+      for_groups(P, [&](int64_t g, int64_t tid) {
         std::vector<const acc_t*> kp;
-        for (int64_t g = g0; g < g1; ++g) {
-          auto [c0, c1] = lay.group_chunks(g);
-          for (int64_t ci = c0; ci < c1; ++ci) bw.chunk(lay.chunks[ci], scratch[g], kp, parts[g], stop);
-        }
+        auto [c0, c1] = lay.group_chunks(g);
+        for (int64_t ci = c0; ci < c1; ++ci) bw.chunk(lay.chunks[ci], scratch[tid], kp, parts[g], stop);
       });
     };
     if (cfg.dice_train()) {  // the batch sums of each Dice layer, top-down (layer i's g depends on the layers above)

@@ -2,8 +2,8 @@
 // din_kernels/ops/schema.py). x is viewed as [N, C] (positions x channels), the mask as [N].
 //
 // Forward in training: the batch statistics in one read of x (tiles of kTileRows rows: each tile's mean and centred
-// squares while it is in L1, merged with Chan's formula into its group's moments; the P groups of consecutive rows are
-// merged in order, so the result is bit-for-bit the same for a fixed thread count), then one elementwise pass
+// squares while it is in L1, merged with Chan's formula into its group's moments; the kGroups groups of consecutive
+// rows are merged in order, so the result is bit-for-bit the same for any thread count), then one elementwise pass
 //   y = x * (alpha + (1 - alpha) * p),  p = sigmoid(weight * (x - mean) * r + bias),  r = 1 / sqrt(var + eps).
 // Backward: one reduction pass for the per-channel sums (sum g, sum g u, d alpha, d weight, d bias; see
 // din_kernels/torch_impl/dice.py for the formulas) and one elementwise pass for dx. Nothing of size [N, C] is kept.
@@ -22,10 +22,12 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kTileRows = 64;
+constexpr int64_t kGroups = 16;  // reduction groups: a fixed number, so the sums' order (and result) is the same for
+                                 // any thread count
 
 int64_t num_groups(int64_t n_rows) {
   const int64_t tiles = (n_rows + kTileRows - 1) / kTileRows;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  return std::max<int64_t>(1, std::min<int64_t>(kGroups, tiles));
 }
 
 // rows [begin, end) of group g of P
