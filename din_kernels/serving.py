@@ -21,9 +21,9 @@ What runs in the package:
   MLP, the candidates' gathers;
 - a model on backend ``torch`` (or ``reference``) runs its attention and Dice in Python custom ops, which a package
   cannot call: export replaces them (:func:`decompositions`) by the same function in aten ops (the attention in eval
-  mode with the factorised first layer, Dice with its running statistics), which Inductor compiles. Triton ops traced
-  on a GPU become the package's kernels; a Python op left in the graph (e.g. Triton under ``TRITON_INTERPRET=1``) is
-  an error that names it.
+  mode with the factorised first layer, Dice with its running statistics), which Inductor compiles. On a GPU the Triton
+  backend's ops are ``triton_op``s, whose kernels Inductor takes into the package (not yet run on a GPU); a Python op
+  left in the graph (e.g. Triton under ``TRITON_INTERPRET=1``) is an error that names it.
 
 The input checks are not in the package: the value checks of the ids, ``hist_len``/``hist_offsets`` and
 ``candidate_offsets`` (``din_kernels::check_ids``, ``din_kernels::check_attention_index``) are Python ops, so the
