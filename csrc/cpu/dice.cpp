@@ -7,6 +7,8 @@
 //   y = x * (alpha + (1 - alpha) * p),  p = sigmoid(weight * (x - mean) * r + bias),  r = 1 / sqrt(var + eps).
 // Backward: one reduction pass for the per-channel sums (sum g, sum g u, d alpha, d weight, d bias; see
 // din_kernels/torch_impl/dice.py for the formulas) and one elementwise pass for dx. Nothing of size [N, C] is kept.
+// Each pass computes the gate and its result in one loop over a row's vectors; float32/float64 rows are read and
+// written where they are, 16-bit rows go through a float32 row buffer.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,62 +39,102 @@ std::pair<int64_t, int64_t> group_rows(int64_t N, int64_t g, int64_t P) {
 }
 
 template <typename acc_t>
-struct Channels {  // per-channel parameters in acc_t
-  Tensor alpha, weight, bias, mean, r;
-  const acc_t* p(const Tensor& t) const { return t.defined() ? t.data_ptr<acc_t>() : nullptr; }
+struct Channels {  // per-channel parameters in acc_t (weight, bias: empty without them)
+  std::vector<acc_t> alpha, weight, bias, mean, r;
+  const acc_t* w() const { return weight.empty() ? nullptr : weight.data(); }
+  const acc_t* b() const { return bias.empty() ? nullptr : bias.data(); }
+};
+
+// One row of the input in acc_t: the row itself when the types match, else its conversion in a buffer; and the
+// row an output is computed into (the output itself, or a buffer that flush() converts into it).
+template <typename scalar_t, typename acc_t>
+struct RowBuffer {
+  static constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> buf;
+  explicit RowBuffer(int64_t C) : buf(kSame ? 0 : C) {}
+  const acc_t* in(const scalar_t* p, int64_t C) {
+    if constexpr (kSame) {
+      return p;
+    } else {
+      convert(p, buf.data(), C);
+      return buf.data();
+    }
+  }
+  acc_t* out(scalar_t* p) {
+    if constexpr (kSame) {
+      return p;
+    } else {
+      return buf.data();
+    }
+  }
+  void flush(scalar_t* p, int64_t C) {
+    if constexpr (!kSame) convert(buf.data(), p, C);
+  }
+};
+
+// u = (x - mean) r and the gate p = sigmoid(weight u + bias) of lanes [j, j + k)
+template <typename acc_t>
+struct Gate {
+  Vec<acc_t> u, p;
 };
 
 template <typename acc_t>
-Tensor acc(const Tensor& t, int64_t C) {
-  return t.to(c10::CppTypeToScalarType<acc_t>::value).expand({C}).contiguous();
+inline Gate<acc_t> gate(const Vec<acc_t>& x, const Channels<acc_t>& ch, const acc_t* w, const acc_t* b, int64_t j,
+                        int64_t k) {
+  Vec<acc_t> u = (x - ld(ch.mean.data() + j, k)) * ld(ch.r.data() + j, k);
+  Vec<acc_t> a = w ? u * ld(w + j, k) : u;
+  if (b) a = a + ld(b + j, k);
+  return {u, vsigmoid(a)};
 }
 
-// the gate p = sigmoid(weight * (x - mean) * r + bias) for one row, and u = (x - mean) * r (u may be null)
+// y = x (alpha + (1 - alpha) p) for one row
 template <typename acc_t>
-inline void gate_row(const acc_t* x, acc_t* p, acc_t* u, int64_t C, const Channels<acc_t>& ch) {
-  const acc_t *mean = ch.p(ch.mean), *r = ch.p(ch.r), *w = ch.p(ch.weight), *b = ch.p(ch.bias);
+inline void forward_row(const acc_t* x, acc_t* y, int64_t C, const Channels<acc_t>& ch) {
+  const acc_t *al = ch.alpha.data(), *w = ch.w(), *b = ch.b();
+  const Vec<acc_t> one(acc_t(1));
   for_vectors<acc_t>(C, [&](int64_t j, int64_t k) {
-    Vec<acc_t> uu = (ld(x + j, k) - ld(mean + j, k)) * ld(r + j, k);
-    if (u) st(uu, u + j, k);
-    Vec<acc_t> a = uu;
-    if (w) a = a * ld(w + j, k);
-    if (b) a = a + ld(b + j, k);
-    st(vsigmoid(a), p + j, k);
+    Vec<acc_t> xv = ld(x + j, k), a = ld(al + j, k);
+    st(xv * (a + (one - a) * gate(xv, ch, w, b, j, k).p), y + j, k);
   });
 }
 
 // Backward pass 1 at one row: per-channel sums of g = gp * weight, g * u, dy x (1 - p), gp * u and gp, where
 // gp = dy x (1 - alpha) p (1 - p) (weight: null without affine)
 template <typename T>
-inline void backward_sums_row(const T* x, const T* dy, const T* p, const T* u, const T* alpha, const T* weight, T* sg,
-                              T* sgu, T* sa, T* sw, T* sb, int64_t C) {
+inline void backward_sums_row(const T* x, const T* dy, const Channels<T>& ch, T* sg, T* sgu, T* sa, T* sw, T* sb,
+                              int64_t C) {
+  const T *al = ch.alpha.data(), *w = ch.w(), *b = ch.b();
   const Vec<T> one(T(1));
   for_vectors<T>(C, [&](int64_t j, int64_t k) {
-    Vec<T> pv = ld(p + j, k), uv = ld(u + j, k), one_p = one - pv;
-    Vec<T> dyx = ld(dy + j, k) * ld(x + j, k);
-    Vec<T> gp = dyx * (one - ld(alpha + j, k)) * pv * one_p;
-    Vec<T> g = weight ? gp * ld(weight + j, k) : gp;
+    Vec<T> xv = ld(x + j, k);
+    Gate<T> gt = gate(xv, ch, w, b, j, k);
+    Vec<T> one_p = one - gt.p;
+    Vec<T> dyx = ld(dy + j, k) * xv;
+    Vec<T> gp = dyx * (one - ld(al + j, k)) * gt.p * one_p;
+    Vec<T> g = w ? gp * ld(w + j, k) : gp;
     st(ld(sg + j, k) + g, sg + j, k);
-    st(at::vec::fmadd(g, uv, ld(sgu + j, k)), sgu + j, k);
+    st(at::vec::fmadd(g, gt.u, ld(sgu + j, k)), sgu + j, k);
     st(at::vec::fmadd(dyx, one_p, ld(sa + j, k)), sa + j, k);
-    st(at::vec::fmadd(gp, uv, ld(sw + j, k)), sw + j, k);
+    st(at::vec::fmadd(gp, gt.u, ld(sw + j, k)), sw + j, k);
     st(ld(sb + j, k) + gp, sb + j, k);
   });
 }
 
-// Backward pass 2 at one row, into p: dx = dy (alpha + (1 - alpha) p) + r g [- r / Nv (sum g + u sum g u) when
-// sum_g is given: a position the statistics were taken over, in training]
+// Backward pass 2 at one row: dx = dy (alpha + (1 - alpha) p) + r g [- r / Nv (sum g + u sum g u) when sum_g is
+// given: a position the statistics were taken over, in training]
 template <typename T>
-inline void backward_dx_row(const T* x, const T* dy, T* p, const T* u, const T* alpha, const T* weight, const T* r,
-                            const T* sum_g, const T* sum_gu, T inv_n, int64_t C) {
+inline void backward_dx_row(const T* x, const T* dy, T* dx, const Channels<T>& ch, const T* sum_g, const T* sum_gu,
+                            T inv_n, int64_t C) {
+  const T *al = ch.alpha.data(), *w = ch.w(), *b = ch.b(), *r = ch.r.data();
   const Vec<T> one(T(1)), inv(inv_n);
   for_vectors<T>(C, [&](int64_t j, int64_t k) {
-    Vec<T> pv = ld(p + j, k), al = ld(alpha + j, k), dyv = ld(dy + j, k), rv = ld(r + j, k);
-    Vec<T> gp = dyv * ld(x + j, k) * (one - al) * pv * (one - pv);
-    Vec<T> g = weight ? gp * ld(weight + j, k) : gp;
-    Vec<T> v = at::vec::fmadd(rv, g, dyv * (al + (one - al) * pv));
-    if (sum_g) v = v - rv * inv * at::vec::fmadd(ld(u + j, k), ld(sum_gu + j, k), ld(sum_g + j, k));
-    st(v, p + j, k);
+    Vec<T> xv = ld(x + j, k), a = ld(al + j, k), dyv = ld(dy + j, k), rv = ld(r + j, k);
+    Gate<T> gt = gate(xv, ch, w, b, j, k);
+    Vec<T> gp = dyv * xv * (one - a) * gt.p * (one - gt.p);
+    Vec<T> g = w ? gp * ld(w + j, k) : gp;
+    Vec<T> v = at::vec::fmadd(rv, g, dyv * (a + (one - a) * gt.p));
+    if (sum_g) v = v - rv * inv * at::vec::fmadd(gt.u, ld(sum_gu + j, k), ld(sum_g + j, k));
+    st(v, dx + j, k);
   });
 }
 
@@ -106,18 +148,27 @@ Tensor batch_stats(const scalar_t* x, const bool* mask, int64_t N, int64_t C, co
       auto [r0, r1] = group_rows(N, g, P);
       for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
         int64_t n = 0;
-        for (int64_t r = t0; r < std::min(r1, t0 + kTileRows); ++r) {
-          if (mask && !mask[r]) continue;
-          convert(x + r * C, tile.data() + n * C, C);
-          ++n;
+        const acc_t* rows = tile.data();  // the tile's (selected) rows in acc_t: x itself when unmasked and acc_t
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (!mask) {
+            rows = x + t0 * C;
+            n = std::min(r1, t0 + kTileRows) - t0;
+          }
+        }
+        if (n == 0) {  // converted (and selected) into the tile
+          for (int64_t r = t0; r < std::min(r1, t0 + kTileRows); ++r) {
+            if (mask && !mask[r]) continue;
+            convert(x + r * C, tile.data() + n * C, C);
+            ++n;
+          }
         }
         if (n == 0) continue;
         std::fill(sum.begin(), sum.end(), acc_t(0));
         std::fill(sq.begin(), sq.end(), acc_t(0));
-        for (int64_t i = 0; i < n; ++i) add_to<acc_t>(tile.data() + i * C, sum.data(), C);
+        for (int64_t i = 0; i < n; ++i) add_to<acc_t>(rows + i * C, sum.data(), C);
         for (int64_t j = 0; j < C; ++j) sum[j] /= acc_t(n);
         for (int64_t i = 0; i < n; ++i) {
-          const acc_t* row = tile.data() + i * C;
+          const acc_t* row = rows + i * C;
           for_vectors<acc_t>(C, [&](int64_t j, int64_t k) {
             Vec<acc_t> d = ld(row + j, k) - ld(sum.data() + j, k);
             st(at::vec::fmadd(d, d, ld(sq.data() + j, k)), sq.data() + j, k);
@@ -168,14 +219,31 @@ void check_channel(const std::optional<Tensor>& t, int64_t C, const char* name, 
 }
 
 template <typename acc_t>
+Tensor acc(const Tensor& t, int64_t C) {
+  return t.to(c10::CppTypeToScalarType<acc_t>::value).expand({C}).contiguous();
+}
+
+// the C values of a per-channel parameter ([C] or [1]) in acc_t
+template <typename acc_t>
+std::vector<acc_t> channel_values(const Tensor& t, int64_t C) {
+  Tensor c = t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();  // itself when already so
+  const acc_t* p = c.data_ptr<acc_t>();
+  std::vector<acc_t> v(C);
+  for (int64_t j = 0; j < C; ++j) v[j] = p[c.numel() == 1 ? 0 : j];
+  return v;
+}
+
+// the parameters, with mean and var [C] in acc_t
+template <typename acc_t>
 Channels<acc_t> channels(const Tensor& alpha, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                         const Tensor& mean, const Tensor& var, double eps, int64_t C) {
+                         const acc_t* mean, const acc_t* var, double eps, int64_t C) {
   Channels<acc_t> ch;
-  ch.alpha = acc<acc_t>(alpha, C);
-  if (weight.has_value() && weight->defined()) ch.weight = acc<acc_t>(*weight, C);
-  if (bias.has_value() && bias->defined()) ch.bias = acc<acc_t>(*bias, C);
-  ch.mean = acc<acc_t>(mean, C);
-  ch.r = (acc<acc_t>(var, C) + eps).rsqrt().contiguous();
+  ch.alpha = channel_values<acc_t>(alpha, C);
+  if (weight.has_value() && weight->defined()) ch.weight = channel_values<acc_t>(*weight, C);
+  if (bias.has_value() && bias->defined()) ch.bias = channel_values<acc_t>(*bias, C);
+  ch.mean.assign(mean, mean + C);
+  ch.r.resize(C);
+  for (int64_t j = 0; j < C; ++j) ch.r[j] = acc_t(1) / std::sqrt(var[j] + acc_t(eps));
   return ch;
 }
 
@@ -238,24 +306,23 @@ Spans spans_of(int64_t N, int64_t C) {
 
 template <typename acc_t>
 Channels<acc_t> tiled(const Channels<acc_t>& ch, int64_t k) {
-  auto rep = [&](const Tensor& t) { return t.defined() ? t.repeat({k}).contiguous() : Tensor(); };
+  auto rep = [&](const std::vector<acc_t>& v) {
+    std::vector<acc_t> out;
+    out.reserve(v.size() * k);
+    for (int64_t i = 0; i < k; ++i) out.insert(out.end(), v.begin(), v.end());
+    return out;
+  };
   return {rep(ch.alpha), rep(ch.weight), rep(ch.bias), rep(ch.mean), rep(ch.r)};
 }
 
 // y = x (alpha + (1 - alpha) p) for N rows of width C
 template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* xp, scalar_t* yp, int64_t N, int64_t C, const Channels<acc_t>& ch) {
-  const acc_t* al = ch.p(ch.alpha);
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> row(C), p(C);
+    RowBuffer<scalar_t, acc_t> xb(C), yb(C);
     for (int64_t r = r0; r < r1; ++r) {
-      convert(xp + r * C, row.data(), C);
-      gate_row<acc_t>(row.data(), p.data(), nullptr, C, ch);
-      for_vectors<acc_t>(C, [&](int64_t j, int64_t k) {
-        Vec<acc_t> a = ld(al + j, k), xv = ld(row.data() + j, k);
-        st(xv * (a + (Vec<acc_t>(1) - a) * ld(p.data() + j, k)), p.data() + j, k);
-      });
-      convert(p.data(), yp + r * C, C);
+      forward_row<acc_t>(xb.in(xp + r * C, C), yb.out(yp + r * C), C, ch);
+      yb.flush(yp + r * C, C);
     }
   });
 }
@@ -266,20 +333,15 @@ constexpr int kSums = 5;  // backward pass 1: sum g, sum g u, d alpha, d weight,
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> backward_sums(const scalar_t* xp, const scalar_t* dyp, int64_t N, int64_t C,
                                  const Channels<acc_t>& ch) {
-  const acc_t *al = ch.p(ch.alpha), *wt = ch.p(ch.weight);
   const int64_t P = num_groups(N);
   std::vector<acc_t> part(P * kSums * C, 0);
   at::parallel_for(0, P, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<acc_t> xr(C), dr(C), p(C), u(C);
+    RowBuffer<scalar_t, acc_t> xb(C), db(C);
     for (int64_t g = g0; g < g1; ++g) {
       auto [r0, r1] = group_rows(N, g, P);
       acc_t *sg = part.data() + g * kSums * C, *sgu = sg + C, *sa = sgu + C, *sw = sa + C, *sb = sw + C;
-      for (int64_t r = r0; r < r1; ++r) {
-        convert(xp + r * C, xr.data(), C);
-        convert(dyp + r * C, dr.data(), C);
-        gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
-        backward_sums_row<acc_t>(xr.data(), dr.data(), p.data(), u.data(), al, wt, sg, sgu, sa, sw, sb, C);
-      }
+      for (int64_t r = r0; r < r1; ++r)
+        backward_sums_row<acc_t>(xb.in(xp + r * C, C), db.in(dyp + r * C, C), ch, sg, sgu, sa, sw, sb, C);
     }
   });
   std::vector<acc_t> sums(kSums * C, 0);
@@ -291,16 +353,12 @@ std::vector<acc_t> backward_sums(const scalar_t* xp, const scalar_t* dyp, int64_
 template <typename scalar_t, typename acc_t, typename Corr>
 void backward_dx(const scalar_t* xp, const scalar_t* dyp, scalar_t* dxp, int64_t N, int64_t C,
                  const Channels<acc_t>& ch, const acc_t* SG, const acc_t* SGU, acc_t inv_n, const Corr& corr) {
-  const acc_t *al = ch.p(ch.alpha), *wt = ch.p(ch.weight), *rr = ch.p(ch.r);
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> xr(C), dr(C), p(C), u(C);
+    RowBuffer<scalar_t, acc_t> xb(C), db(C), outb(C);
     for (int64_t r = r0; r < r1; ++r) {
-      convert(xp + r * C, xr.data(), C);
-      convert(dyp + r * C, dr.data(), C);
-      gate_row<acc_t>(xr.data(), p.data(), u.data(), C, ch);
-      backward_dx_row<acc_t>(xr.data(), dr.data(), p.data(), u.data(), al, wt, rr, corr(r) ? SG : nullptr, SGU, inv_n,
-                             C);
-      convert(p.data(), dxp + r * C, C);
+      backward_dx_row<acc_t>(xb.in(xp + r * C, C), db.in(dyp + r * C, C), outb.out(dxp + r * C), ch,
+                             corr(r) ? SG : nullptr, SGU, inv_n, C);
+      outb.flush(dxp + r * C, C);
     }
   });
 }
@@ -353,7 +411,8 @@ std::tuple<Tensor, Tensor> dice_fwd_cpu(const Tensor& x, const std::optional<Ten
                                            at::zeros({C}, opt)})
                    : m.defined() ? batch_stats<scalar_t, acc_t>(xp, m.data_ptr<bool>(), N, C, opt)
                                  : unmasked_stats<scalar_t, acc_t>(xp, N, C, sp, opt);
-    Channels<acc_t> ch = channels<acc_t>(alpha, weight, bias, stats[0], stats[1], eps, C);
+    Channels<acc_t> ch = channels<acc_t>(alpha, weight, bias, stats[0].data_ptr<acc_t>(),
+                                         stats[1].data_ptr<acc_t>(), eps, C);
     Tensor y = at::empty(xc.sizes(), xc.options());
     scalar_t* yp = y.data_ptr<scalar_t>();
     if (sp.Nf) forward_rows<scalar_t, acc_t>(xp, yp, sp.Nf, sp.S, tiled(ch, sp.k));
@@ -382,8 +441,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dice_bwd_cpu(const Tensor& dy, const 
     Tensor m = mask.has_value() && mask->defined() ? mask->contiguous() : Tensor();
     const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
     Tensor st = stats.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    Channels<acc_t> ch = channels<acc_t>(alpha, weight, bias, st[0], st[1], eps, C);
-    const acc_t count = C ? st[2][0].item<acc_t>() : acc_t(0);
+    const acc_t* st_p = st.data_ptr<acc_t>();
+    Channels<acc_t> ch = channels<acc_t>(alpha, weight, bias, st_p, st_p + C, eps, C);
+    const acc_t count = C ? st_p[2 * C] : acc_t(0);
     const scalar_t *xp = xc.data_ptr<scalar_t>(), *dyp = dyc.data_ptr<scalar_t>();
     Tensor dx = at::empty(xc.sizes(), xc.options());
     scalar_t* dxp = dx.data_ptr<scalar_t>();
