@@ -13,9 +13,7 @@ What runs in the package:
 - the compiled C++ ops of the ``cpu`` (and ``cuda``) backend, ``din_kernels::target_attention_fwd`` and
   ``din_kernels::dice_fwd``, called through the dispatcher: the process that runs the package must have loaded the
   extension ``din_kernels._C`` first (its ``TORCH_LIBRARY`` registrations define them). :func:`load` does (importing
-  ``din_kernels`` loads it); a C++ program ``dlopen``s the library (``examples/rank/main.cpp``). The attention with
-  ``sigmoid``/``relu`` is the exception: AOTInductor cannot pass it the empty list it takes (see
-  :func:`_compiled_attention`), so it runs as aten ops;
+  ``din_kernels`` loads it); a C++ program ``dlopen``s the library (``examples/rank/main.cpp``);
 - everything else as Inductor's own code: the embedding lookups (``din_kernels::mba_embedding_<backend>``, whose
   forward is ``weight[ids]`` with the ids clamped into the table, become ``aten.embedding`` of the clamped ids), the
   MLP, the candidates' gathers;
@@ -204,18 +202,16 @@ def _compiled_attention(query: Tensor, keys: Tensor, lengths: Tensor | None, off
                         normalization: str, scale: float, training: bool, eps: float, save_z1: bool):
     """The compiled ``din_kernels::target_attention_fwd`` in a package: kept (``NotImplemented``) when every tensor
     list is non-empty. AOTInductor's proxy executor (torch 2.13) passes an empty ``Tensor[]`` argument of a C++ op as
-    None, which the op rejects; so ``prelu``'s unused Dice statistics get a filler the kernel ignores, and
-    ``sigmoid``/``relu`` (no ``act_weights``, which the kernel requires empty) run as aten ops
-    (:func:`_attention_eval`)."""
+    None, which the op rejects; so the lists a model leaves empty get what the op reads as none: ``sigmoid``/``relu``
+    one empty tensor per hidden layer as ``act_weights``, and every activation but ``dice`` a filler as its Dice
+    statistics (read only under ``dice``)."""
     if all((weights, biases, act_weights, act_means, act_vars)):
         return NotImplemented
-    args = (query, keys, lengths, offsets, query_offsets, weights, biases, act_weights, act_means, act_vars,
-            activation, normalization, scale, training, eps, save_z1)
-    if not act_weights:
-        return _attention_eval(*args)
-    filler = [biases[0]]  # read only under activation "dice"
-    return torch.ops.din_kernels.target_attention_fwd.default(*args[:8], act_means or filler, act_vars or filler,
-                                                              *args[10:])
+    none = [weights[0].new_empty(0) for _ in weights[:-1]]
+    filler = [biases[0]]
+    return torch.ops.din_kernels.target_attention_fwd.default(
+        query, keys, lengths, offsets, query_offsets, weights, biases, act_weights or none, act_means or filler,
+        act_vars or filler, activation, normalization, scale, training, eps, save_z1)
 
 
 def decompositions() -> dict:

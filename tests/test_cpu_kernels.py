@@ -151,6 +151,35 @@ def test_direct_op_calls_check_their_arguments(index, value, pattern):
         torch.ops.din_kernels.target_attention_fwd(*args)
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_empty_act_weights_mean_none(activation):
+    """sigmoid/relu take act_weights as [] or as one empty tensor per hidden layer (what an AOTInductor package
+    passes): the same outputs and gradients, empty gradients for the placeholders; anything else is an error."""
+    args = _op_args(hidden=(5, 3))
+    args[10] = activation
+    ref = torch.ops.din_kernels.target_attention_fwd(*args)
+    placeholders = [torch.empty(0), torch.empty(0)]
+    got = torch.ops.din_kernels.target_attention_fwd(*args[:7], placeholders, *args[8:])
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    q, keys, lengths, _, _, W, b = args[:7]
+    grad_out, grad_scores = torch.randn_like(ref[0]), torch.randn_like(ref[1])
+
+    def bwd(act_weights):
+        return torch.ops.din_kernels.target_attention_bwd(
+            grad_out, grad_scores, q, keys, lengths, None, None, W, b, act_weights, [], [], *ref[2:], activation,
+            "none", 1.0, False, 1e-8)
+
+    expected, actual = bwd([]), bwd(placeholders)
+    for e, a in zip(expected[:2], actual[:2]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    for e, a in zip(expected[2] + expected[3], actual[2] + actual[3]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert expected[4] == [] and [t.shape for t in actual[4]] == [torch.Size([0])] * 2
+    with pytest.raises(RuntimeError, match=r"sigmoid/relu take no act_weights .* hidden layer: 2\), got 1 tensors"):
+        torch.ops.din_kernels.target_attention_fwd(*args[:7], [torch.empty(0)], *args[8:])
+
+
 def test_dice_op_checks_its_arguments():
     x, alpha = torch.randn(4, 3), torch.rand(3)
     with pytest.raises(RuntimeError, match=r"alpha must have shape \[3\] or \[1\]"):

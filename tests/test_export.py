@@ -132,7 +132,7 @@ def test_package_equals_eager_rank_cpu(cpu_package, tmp_path):
     ("torch", dk.BaseModel, None)])
 def test_exported_program_ops(backend, cls, att_activation, layout):
     """What the package runs: on cpu the compiled attention (every tensor list non-empty: the proxy executor cannot
-    pass an empty one; sigmoid, which has no act_weights, in aten ops) and the compiled Dice, on torch aten only; the
+    pass an empty one; sigmoid's act_weights are empty placeholders) and the compiled Dice, on torch aten only; the
     exported program (before Inductor) equals eager rank on other sizes."""
     if backend == "cpu" and not _extension.loaded():
         pytest.skip("the compiled extension din_kernels._C is not built")
@@ -142,8 +142,7 @@ def test_exported_program_ops(backend, cls, att_activation, layout):
     example = serving.random_batch(serving.input_vocab(model, layout), layout)
     program, metadata = serving.export_program(model, *example)
     ours = {op for op in _ops(program) if op.startswith("din_kernels::")}
-    compiled = {"din_kernels::dice_fwd"} | ({"din_kernels::target_attention_fwd"} if att_activation in (
-        "dice", "prelu") else set())
+    compiled = {"din_kernels::dice_fwd", "din_kernels::target_attention_fwd"}
     assert ours == (compiled if backend == "cpu" else set())
     assert metadata[serving.META_OPS] == ",".join(sorted(ours))
     for node in program.graph.nodes:

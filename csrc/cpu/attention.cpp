@@ -302,8 +302,15 @@ Mlp<acc_t> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at
   m.w_last = as_acc<acc_t>(weights.back()).reshape({-1});
   m.b_last = as_acc<acc_t>(biases.back()).template item<acc_t>();
   bool uses_alpha = cfg.act == kPrelu || cfg.act == kDice;
-  TORCH_CHECK(static_cast<int64_t>(act_weights.size()) == (uses_alpha ? m.n : 0), "target_attention: activation ",
-              "needs ", uses_alpha ? m.n : 0, " act_weights (one per hidden layer), got ", act_weights.size());
+  if (uses_alpha) {
+    TORCH_CHECK(static_cast<int64_t>(act_weights.size()) == m.n, "target_attention: activation needs ", m.n,
+                " act_weights (one per hidden layer), got ", act_weights.size());
+  } else {  // none: an empty list, or one empty tensor per hidden layer (an AOTInductor package cannot pass [])
+    bool empties = static_cast<int64_t>(act_weights.size()) == m.n;
+    for (const Tensor& a : act_weights) empties = empties && a.numel() == 0;
+    TORCH_CHECK(act_weights.empty() || empties, "target_attention: sigmoid/relu take no act_weights (an empty list, "
+                "or one empty tensor per hidden layer: ", m.n, "), got ", act_weights.size(), " tensors");
+  }
   if (uses_alpha) {
     std::vector<Tensor> parts;
     for (int64_t i = 0; i < m.n; ++i) {
@@ -912,6 +919,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
   }
   std::vector<Tensor> da;
   for (int64_t i = 0; i < static_cast<int64_t>(act_weights.size()); ++i) {
+    if (!m.has_alpha) {  // the empty placeholders of sigmoid/relu
+      da.push_back(at::empty({0}, act_weights[i].options()));
+      continue;
+    }
     Tensor g = vec_tensor(std::vector<acc_t>(total.dact.begin() + m.col[i], total.dact.begin() + m.col[i] + m.H[i]),
                           {m.H[i]}, acc_opt);
     if (act_weights[i].numel() == 1) g = g.sum().reshape({1});

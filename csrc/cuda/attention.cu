@@ -730,8 +730,15 @@ struct Call {
                 weights.back().sizes());
     const int n = static_cast<int>(H.size());
     const bool uses_alpha = act == kPrelu || act == kDice;
-    TORCH_CHECK(static_cast<int>(act_weights.size()) == (uses_alpha ? n : 0), "target_attention: activation needs ",
-                uses_alpha ? n : 0, " act_weights (one per hidden layer), got ", act_weights.size());
+    if (uses_alpha) {
+      TORCH_CHECK(static_cast<int>(act_weights.size()) == n, "target_attention: activation needs ", n,
+                  " act_weights (one per hidden layer), got ", act_weights.size());
+    } else {  // none: an empty list, or one empty tensor per hidden layer (an AOTInductor package cannot pass [])
+      bool empties = static_cast<int>(act_weights.size()) == n;
+      for (const Tensor& a : act_weights) empties = empties && a.numel() == 0;
+      TORCH_CHECK(act_weights.empty() || empties, "target_attention: sigmoid/relu take no act_weights (an empty "
+                  "list, or one empty tensor per hidden layer: ", n, "), got ", act_weights.size(), " tensors");
+    }
 
     Params& p = P;
     p.B = B;
@@ -1078,6 +1085,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
   }
   std::vector<Tensor> da;
   for (int64_t i = 0; i < static_cast<int64_t>(act_weights.size()); ++i) {
+    if (!p.has_alpha) {  // the empty placeholders of sigmoid/relu
+      da.push_back(at::empty({0}, act_weights[i].options()));
+      continue;
+    }
     Tensor g = total.narrow(0, p.p_dact + p.col[i], p.H[i]);
     if (act_weights[i].numel() == 1) g = g.sum().reshape({1});
     da.push_back(g.to(act_weights[i].scalar_type(), false, true).contiguous());
