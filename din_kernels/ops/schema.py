@@ -15,7 +15,8 @@ Target attention (SPEC section 1)
 
 ``target_attention_fwd``: ``query`` [B, D]; ``keys`` [B, T, D] with ``lengths`` [B], or [N, D] with ``offsets``
 [B + 1] (exactly one of the two); ``weights``/``biases`` the ``nn.Linear`` layers ``[H1, 4D], ..., [1, Hn]``;
-``act_weights`` the PReLU weights or Dice alphas (one ``[H_i]`` or ``[1]`` per hidden layer, else none);
+``act_weights`` the PReLU weights or Dice alphas (one ``[H_i]`` or ``[1]`` per hidden layer; sigmoid/relu:
+none, or one empty tensor per hidden layer, the form an AOTInductor package passes);
 ``act_means``/``act_vars`` the Dice running statistics (used in eval; never written by the op: the caller updates
 them from ``dice_stats``); ``activation`` sigmoid | relu | prelu | dice; ``normalization`` none | softmax (of
 ``scale * s``); ``eps`` Dice's. Returns
