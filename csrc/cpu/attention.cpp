@@ -34,6 +34,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../common/checks.h"
 #include "blas.h"
 #include "gemm_bf16.h"
 #include "vec_math.h"
@@ -302,15 +303,7 @@ Mlp<acc_t> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at
   m.w_last = as_acc<acc_t>(weights.back()).reshape({-1});
   m.b_last = as_acc<acc_t>(biases.back()).template item<acc_t>();
   bool uses_alpha = cfg.act == kPrelu || cfg.act == kDice;
-  if (uses_alpha) {
-    TORCH_CHECK(static_cast<int64_t>(act_weights.size()) == m.n, "target_attention: activation needs ", m.n,
-                " act_weights (one per hidden layer), got ", act_weights.size());
-  } else {  // none: an empty list, or one empty tensor per hidden layer (an AOTInductor package cannot pass [])
-    bool empties = static_cast<int64_t>(act_weights.size()) == m.n;
-    for (const Tensor& a : act_weights) empties = empties && a.numel() == 0;
-    TORCH_CHECK(act_weights.empty() || empties, "target_attention: sigmoid/relu take no act_weights (an empty list, "
-                "or one empty tensor per hidden layer: ", m.n, "), got ", act_weights.size(), " tensors");
-  }
+  din::check_act_weights(act_weights, m.n, uses_alpha);
   if (uses_alpha) {
     std::vector<Tensor> parts;
     for (int64_t i = 0; i < m.n; ++i) {

@@ -41,6 +41,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../common/checks.h"
 #include "common.cuh"
 
 namespace din::cuda {
@@ -730,15 +731,7 @@ struct Call {
                 weights.back().sizes());
     const int n = static_cast<int>(H.size());
     const bool uses_alpha = act == kPrelu || act == kDice;
-    if (uses_alpha) {
-      TORCH_CHECK(static_cast<int>(act_weights.size()) == n, "target_attention: activation needs ", n,
-                  " act_weights (one per hidden layer), got ", act_weights.size());
-    } else {  // none: an empty list, or one empty tensor per hidden layer (an AOTInductor package cannot pass [])
-      bool empties = static_cast<int>(act_weights.size()) == n;
-      for (const Tensor& a : act_weights) empties = empties && a.numel() == 0;
-      TORCH_CHECK(act_weights.empty() || empties, "target_attention: sigmoid/relu take no act_weights (an empty "
-                  "list, or one empty tensor per hidden layer: ", n, "), got ", act_weights.size(), " tensors");
-    }
+    din::check_act_weights(act_weights, n, uses_alpha);
 
     Params& p = P;
     p.B = B;
